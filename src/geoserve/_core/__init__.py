@@ -1,0 +1,1 @@
+"""Cython kernels (compiled by ``pip install .``); their twins live in ``geoserve._twin``."""

@@ -1,0 +1,86 @@
+"""``geoserve <command>``: the package's command line.
+
+* ``geoserve check FLEET`` - load and validate a topology file (TOML, JSON, YAML);
+  prints a summary, or the error with the field it names (exit 2).
+* ``geoserve decide FLEET --signals S.json --request R.json`` - one decision, as
+  JSON, from files: a replayable record of (request, snapshot, policy). Without
+  ``--signals`` every replica is idle and healthy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import msgspec
+
+from . import __version__, native
+from .errors import GeoserveError
+from .router import Router
+from .types import Policy, ReplicaSignal, Request, Signals, Topology
+
+
+def _load_json(path: str, kind: type, what: str):
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=kind)
+    except OSError as err:
+        raise SystemExit(f"geoserve: cannot read {what} {path}: {err.strerror}")
+    except msgspec.DecodeError as err:  # ValidationError is a DecodeError
+        raise SystemExit(f"geoserve: bad {what} {path}: {err}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    topology = Topology.from_file(args.fleet)
+    router = Router(topology)
+    f = router.fleet
+    print(f"{args.fleet}: ok - {len(topology.regions)} regions, {len(topology.edges)} edges, "
+          f"{len(f.models)} models, {f.n_replicas} replicas, {len(topology.aliases)} aliases")
+    for g, region in enumerate(topology.regions):
+        per_model = []
+        for m, model in enumerate(f.models):
+            lo, hi = f.group_start[m * f.n_regions + g], f.group_start[m * f.n_regions + g + 1]
+            if hi > lo:
+                per_model.append(f"{model} x{hi - lo}")
+        print(f"  {region}: {', '.join(per_model) or '-'} ({f.region_slots[g]} decode slots)")
+    return 0
+
+
+def _decide(args: argparse.Namespace) -> int:
+    topology = Topology.from_file(args.fleet)
+    policy = _load_json(args.policy, Policy, "policy") if args.policy else None
+    router = Router(topology, policy)
+    if args.signals:
+        signals = _load_json(args.signals, Signals, "signals")
+    else:
+        signals = Signals(now_ms=0.0, replicas=tuple(ReplicaSignal(replica=r, observed_ms=0.0) for r in router.fleet.replica_ids))
+    request = _load_json(args.request, Request, "request")
+    decision = router.decide(request, router.snapshot(signals))
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(decision).decode(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="geoserve", description="Latency-SLA-aware multi-region LLM routing.")
+    parser.add_argument("--version", action="version", version=f"geoserve {__version__} (native={native})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate a topology file")
+    p.add_argument("fleet")
+    p.set_defaults(run=_check)
+    p = sub.add_parser("decide", help="one decision from files, as JSON")
+    p.add_argument("fleet")
+    p.add_argument("--request", required=True, help="a Request as JSON")
+    p.add_argument("--signals", help="Signals as JSON (default: every replica idle)")
+    p.add_argument("--policy", help="a Policy as JSON (default: the defaults)")
+    p.set_defaults(run=_decide)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except GeoserveError as err:
+        print(f"geoserve: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

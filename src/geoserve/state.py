@@ -1,0 +1,73 @@
+"""RouterState: what a router remembers between snapshots, in typed arrays.
+
+* ``pending[r]`` - requests routed to replica r since the snapshot of ``epoch``
+  and not yet completed. A snapshot's signals already count what was routed
+  before it, so the counters belong to one epoch: the first ``route()`` against a
+  newer snapshot starts them from zero, and a ``complete()`` of an older epoch's
+  decision releases nothing. Between two snapshots a burst therefore sees its own
+  earlier picks and spreads instead of herding onto the replica that looked idle.
+* ``spill_pair`` / ``spill_total`` - overflow admitted since that snapshot, per
+  (origin region, rescuer) and per rescuer, spent against the snapshot's spill
+  allowance; epoch-scoped like ``pending``.
+* ``queued[g]`` - requests the router told to wait (action ``queue``) in region g
+  and not yet completed; bounded by the region's decode slots.
+* The approximate prefix index: an open-addressing table of ``entries`` block
+  hashes (linear probing over ``PROBE`` slots), each with up to ``WAYS`` replicas
+  that were recently sent that block, stamped with a logical clock; a full probe
+  window evicts its least recently stamped entry, a full owner set its oldest
+  owner. Bounded memory, like SGLang's approximate radix tree and llm-d's
+  per-endpoint LRU, with no per-request allocation.
+
+Decisions only read this object; ``Router.route`` and ``Router.complete`` change
+it, under ``lock``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+__all__ = ["RouterState", "PROBE", "WAYS"]
+
+PROBE = 8
+WAYS = 4
+
+
+class RouterState:
+    def __init__(self, n_replicas: int, n_regions: int, prefix_entries: int = 1 << 16) -> None:
+        if prefix_entries < 16 or prefix_entries & (prefix_entries - 1):
+            raise ValueError("prefix_entries must be a power of two >= 16")
+        self.n_replicas = n_replicas
+        self.n_regions = n_regions
+        self.epoch = -1
+        self.pending = np.zeros(n_replicas, dtype=np.int32)
+        self.spill_pair = np.zeros(n_regions * n_regions, dtype=np.int32)
+        self.spill_total = np.zeros(n_regions, dtype=np.int32)
+        self.queued = np.zeros(n_regions, dtype=np.int32)
+        self.prefix_keys = np.zeros(prefix_entries, dtype=np.uint64)
+        self.prefix_owner = np.full(prefix_entries * WAYS, -1, dtype=np.int32)
+        self.prefix_stamp = np.zeros(prefix_entries * WAYS, dtype=np.uint64)
+        self.clock = np.zeros(1, dtype=np.uint64)
+        self.lock = threading.Lock()
+        self._native: object = None  # the kernel's pointer view, built on first use
+
+    @classmethod
+    def for_fleet(cls, fleet) -> "RouterState":  # noqa: ANN001 (Fleet; avoids an import cycle)
+        return cls(fleet.n_replicas, fleet.n_regions, fleet.policy.prefix_index_entries)
+
+    def roll(self, epoch: int) -> None:
+        """Start the epoch-scoped counters afresh when a newer snapshot arrives."""
+        if epoch != self.epoch:
+            self.pending.fill(0)
+            self.spill_pair.fill(0)
+            self.spill_total.fill(0)
+            self.epoch = epoch
+
+    def copy(self) -> "RouterState":
+        """An independent copy (for what-if decisions and tests)."""
+        other = RouterState(self.n_replicas, self.n_regions, len(self.prefix_keys))
+        other.epoch = self.epoch
+        for name in ("pending", "spill_pair", "spill_total", "queued", "prefix_keys", "prefix_owner", "prefix_stamp", "clock"):
+            getattr(other, name)[...] = getattr(self, name)
+        return other

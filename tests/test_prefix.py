@@ -1,0 +1,61 @@
+"""Block hashes: chained xxh3_64, as the design defines them."""
+
+import numpy as np
+import pytest
+import xxhash
+
+import geoserve as g
+
+
+def test_token_blocks_are_chained_xxh3_of_little_endian_uint32():
+    tokens = np.arange(130, dtype=np.int64)
+    hashes = g.block_hashes(tokens, block_tokens=64)
+    assert hashes.dtype == np.uint64 and len(hashes) == 3  # ceil(130 / 64): the partial block counts
+    raw = tokens.astype("<u4").tobytes()
+    h0 = xxhash.xxh3_64_intdigest(raw[:256], seed=0)
+    h1 = xxhash.xxh3_64_intdigest(raw[256:512], seed=h0)
+    h2 = xxhash.xxh3_64_intdigest(raw[512:], seed=h1)
+    assert hashes.tolist() == [h0, h1, h2]
+
+
+def test_shared_prefixes_share_leading_hashes_and_diverge_after():
+    a = g.block_hashes(list(range(256)) + [1] * 64)
+    b = g.block_hashes(list(range(256)) + [2] * 64)
+    assert a[:4].tolist() == b[:4].tolist() and a[4] != b[4]
+    c = g.block_hashes([7] + list(range(1, 256)))
+    assert (a[:4] != c[:4]).all()  # a different first token changes every chained hash
+
+
+def test_text_blocks_are_256_utf8_bytes():
+    text = "é" * 300  # 600 bytes
+    hashes = g.block_hashes_from_text(text)
+    assert len(hashes) == 3
+    assert int(hashes[0]) == xxhash.xxh3_64_intdigest(text.encode()[:256], seed=0)
+    assert len(g.block_hashes_from_text("")) == 0
+
+
+def test_bad_tokens_are_refused():
+    with pytest.raises(ValueError):
+        g.block_hashes([-1, 2])
+    with pytest.raises(ValueError):
+        g.block_hashes([1 << 33])
+    with pytest.raises(ValueError):
+        g.block_hashes([1, 2], block_tokens=0)
+
+
+def test_hashes_drive_affinity_end_to_end(impl):
+    from builders import snapshot, topology
+
+    r = g.Router(topology(), implementation=impl)
+    s = snapshot(r)
+    system = list(range(1000, 1300))  # a shared 300-token system prompt
+    cached = []
+    for user in range(20):
+        tokens = system + [user] * 50
+        request = g.Request(model="m", origin="us", prompt_tokens=len(tokens), prefix=g.block_hashes(tokens))
+        cached.append(r.route(request, s).cached_tokens)
+    # The ring key (first 256 tokens) is shared: the ring picks one home, and the
+    # prefix index's cache credit keeps the prompt there until its 8 slots are full;
+    # then the next replica clockwise takes over and fills in turn.
+    assert sorted(r.state.pending[:4].tolist()) == [0, 4, 8, 8]
+    assert cached.count(256) == 20 - 3  # only each new home's first request is cold
