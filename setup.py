@@ -21,16 +21,17 @@ directives = {
 }
 # -ffp-contract=off: no fused multiply-add, so the kernel's float arithmetic is
 # bit-for-bit the pure-Python twin's and differential tests can demand equality.
-compile_args = ["-O2", "-ffp-contract=off"]
+compile_args = ["-O3", "-ffp-contract=off"]
 
 extensions = [
     Extension(
-        "geoserve._core.decide",
-        ["src/geoserve/_core/decide.pyx"],
-        include_dirs=[numpy.get_include()],
+        f"geoserve._core.{name}",
+        [f"src/geoserve/_core/{name}.pyx"],
+        include_dirs=[numpy.get_include(), "src/geoserve/_core/vendor"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
-    ),
+    )
+    for name in ("decide", "hashing")
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -14,7 +14,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-IMPLEMENTATIONS = ["python"] + (["native"] if _compat.compiled is not None else [])
+IMPLEMENTATIONS = ["python"] + (["native"] if _compat.compiled_decide is not None else [])
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -23,9 +23,9 @@ def impl(request):
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def native_available():
-    if _compat.compiled is None:
+    if _compat.compiled_decide is None:
         pytest.fail("the compiled kernels did not import (pip install . builds them)")
     return True
 

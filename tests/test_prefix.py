@@ -59,3 +59,43 @@ def test_hashes_drive_affinity_end_to_end(impl):
     # then the next replica clockwise takes over and fills in turn.
     assert sorted(r.state.pending[:4].tolist()) == [0, 4, 8, 8]
     assert cached.count(256) == 20 - 3  # only each new home's first request is cold
+
+
+# ---- the compiled hashing kernel and its twin give identical hashes
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from geoserve import _compat  # noqa: E402
+
+DTYPES = [np.int64, np.uint64, np.int32, np.uint32, np.int16, np.uint16, np.int8, np.uint8]
+
+
+@given(
+    st.sampled_from(DTYPES).flatmap(lambda dt: hnp.arrays(dt, st.integers(0, 300), elements=st.integers(0, min(np.iinfo(dt).max, 2**32 - 1)))),
+    st.sampled_from([1, 3, 16, 64, 512]),
+)
+def test_native_and_twin_block_hashes_are_identical(native_available, tokens, block_tokens):
+    native = _compat.compiled_hashing.block_hashes(tokens, block_tokens)
+    twin = _compat.twin_hashing.block_hashes(tokens, block_tokens)
+    assert native.dtype == np.uint64 and native.tolist() == twin.tolist()
+    strided = tokens[::2]  # not contiguous
+    assert _compat.compiled_hashing.block_hashes(strided, block_tokens).tolist() == _compat.twin_hashing.block_hashes(strided, block_tokens).tolist()
+
+
+@given(st.text(max_size=600), st.sampled_from([1, 7, 256]))
+def test_native_and_twin_text_hashes_are_identical(native_available, text, block_bytes):
+    assert _compat.compiled_hashing.text_block_hashes(text, block_bytes).tolist() == _compat.twin_hashing.text_block_hashes(text, block_bytes).tolist()
+
+
+@given(st.binary(max_size=300), st.integers(0, 2**64 - 1))
+def test_vendored_xxh3_matches_the_xxhash_package(native_available, data, seed):
+    assert _compat.compiled_hashing.xxh3_64_of(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed)
+
+
+@pytest.mark.parametrize("impl_name", ["python", "native"])
+def test_out_of_range_tokens_are_refused_by_both(native_available, impl_name):
+    module = _compat.kernels(impl_name, "hashing")
+    for bad in (np.array([1, -1], dtype=np.int64), np.array([2**32], dtype=np.uint64), np.array([-3], dtype=np.int8), [[1, 2]], np.array([1.5])):
+        with pytest.raises(ValueError):
+            module.block_hashes(bad, 64)

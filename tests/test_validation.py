@@ -187,6 +187,7 @@ REQUEST_CASES = [
     (dict(prefix=np.arange(1, (1 << 16) + 2, dtype=np.uint64)), g.RequestError, "prefix", 400),
     (dict(exclude=tuple(f"r{i}" for i in range(65))), g.RequestError, "exclude", 400),
     (dict(session=42), g.RequestError, "session", 400),
+    (dict(session="bad\udc80surrogate"), g.RequestError, "session", 400),
 ]
 
 
@@ -217,11 +218,11 @@ def test_unknown_excluded_ids_exclude_nothing(impl):
 def test_the_kernel_refuses_wrongly_typed_arrays():
     from geoserve import _compat
 
-    if _compat.compiled is None:
+    if _compat.compiled_decide is None:
         pytest.fail("compiled kernels missing")
     r = g.Router(topology(), implementation="native")
     s = snapshot(r)
     with pytest.raises(TypeError):
-        _compat.compiled.decide(s, r.state, 0, -1, 0, 0, 10, 0, False, np.zeros(2, dtype=np.int64), 64, np.zeros(0, np.int32), 0.0)
+        _compat.compiled_decide.decide(s, r.state, 0, -1, 0, 0, 10, 0, False, np.zeros(2, dtype=np.int64), 64, np.zeros(0, np.int32), 0.0)
     with pytest.raises(IndexError):
-        _compat.compiled.decide(s, r.state, 5, -1, 0, 0, 10, 0, False, np.zeros(0, np.uint64), 64, np.zeros(0, np.int32), 0.0)
+        _compat.compiled_decide.decide(s, r.state, 5, -1, 0, 0, 10, 0, False, np.zeros(0, np.uint64), 64, np.zeros(0, np.int32), 0.0)

@@ -2,14 +2,18 @@
 
 ``GEOSERVE_NO_EXTENSIONS=1`` forces the twins (as yarl's, multidict's and
 msgpack's variables do); otherwise the compiled kernels are used when they
-import. ``native`` says which won. A kernel set provides:
+import. ``native`` says which won. Two kernel modules, each with a twin:
 
-* ``decide(snapshot, state, model, version, origin, priority, prompt_tokens,
-  ring_key, has_key, prefix, block_tokens, exclude, waited_ms)`` -> ``(action,
-  reason, model, replica, fallbacks, network_ms, queue_ms, prefill_ms, decode_ms,
-  ttft_ms, budget_ms, cached_tokens, retry_after_ms)`` with indices into the fleet
-  (``replica`` -1 and ``retry_after_ms`` -1 when absent);
-* ``prefix_record(state, prefix, replica)``: remember where a prefix was sent.
+``decide`` (``_core/decide.pyx`` / ``_twin/decide.py``)
+    ``decide(snapshot, state, model, version, origin, priority, prompt_tokens,
+    ring_key, has_key, prefix, block_tokens, exclude, waited_ms)`` -> ``(action,
+    reason, model, replica, fallbacks, network_ms, queue_ms, prefill_ms, decode_ms,
+    ttft_ms, budget_ms, cached_tokens, retry_after_ms)`` with indices into the fleet
+    (``replica`` and ``retry_after_ms`` are -1 when absent);
+    ``prefix_record(state, prefix, replica)``. The compiled module adds
+    ``Boundary``, the router's request-to-decision path for the common case.
+``hashing`` (``_core/hashing.pyx`` / ``_twin/hashing.py``)
+    ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``.
 """
 
 from __future__ import annotations
@@ -18,28 +22,33 @@ import os
 from types import ModuleType
 from typing import Optional
 
-from ._twin import decide as twin
+from ._twin import decide as twin_decide
+from ._twin import hashing as twin_hashing
 
 FORCED_TWIN = os.environ.get("GEOSERVE_NO_EXTENSIONS", "") not in ("", "0")
 
-compiled: Optional[ModuleType]
+compiled_decide: Optional[ModuleType]
+compiled_hashing: Optional[ModuleType]
 try:
-    from ._core import decide as compiled
+    from ._core import decide as compiled_decide
+    from ._core import hashing as compiled_hashing
 except ImportError:  # not built (an sdist without a compiler, or a source checkout)
-    compiled = None
+    compiled_decide = compiled_hashing = None
 
-native = compiled is not None and not FORCED_TWIN
-default: ModuleType = compiled if native and compiled is not None else twin
+native = compiled_decide is not None and not FORCED_TWIN
+_TWINS = {"decide": twin_decide, "hashing": twin_hashing}
+_COMPILED = {"decide": compiled_decide, "hashing": compiled_hashing}
 
 
-def kernels(implementation: Optional[str] = None) -> ModuleType:
+def kernels(implementation: Optional[str] = None, which: str = "decide") -> ModuleType:
     """``None``/``"auto"``: the default; ``"native"`` or ``"python"`` on request."""
     if implementation in (None, "auto"):
-        return default
+        implementation = "native" if native else "python"
     if implementation == "python":
-        return twin
+        return _TWINS[which]
     if implementation == "native":
-        if compiled is None:
+        module = _COMPILED[which]
+        if module is None:
             raise ImportError("geoserve's compiled kernels are not built (pip install . compiles them)")
-        return compiled
+        return module
     raise ValueError(f"implementation must be 'auto', 'native' or 'python', got {implementation!r}")

@@ -20,6 +20,7 @@ import xxhash
 
 from . import _compat
 from ._codes import ACTION_NAMES, DEGRADE, OVERFLOW, QUEUE, REASON_NAMES, SERVE
+
 from .errors import RequestError, UnknownLocation, UnknownPriority
 from .snapshot import Fleet, Snapshot
 from .state import RouterState
@@ -31,6 +32,7 @@ MAX_PREFIX_BLOCKS = 1 << 16  # 4M tokens at 64-token blocks: larger is a malform
 MAX_EXCLUDE = 64
 _EMPTY_PREFIX = np.zeros(0, dtype=np.uint64)
 _NO_EXCLUDE = np.zeros(0, dtype=np.int32)
+_ACTION_CODE = {name: code for code, name in enumerate(ACTION_NAMES)}
 
 
 class Router:
@@ -44,12 +46,23 @@ class Router:
         state: Optional[RouterState] = None,
         implementation: Optional[str] = None,
     ) -> None:
-        self.fleet = Fleet(topology, policy)
         self.kernels = _compat.kernels(implementation)
-        self.state = state if state is not None else RouterState.for_fleet(self.fleet)
-        self._check_state(self.state)
+        fleet = Fleet(topology, policy)
+        self._set_fleet(fleet, state if state is not None else RouterState.for_fleet(fleet))
         self._epoch = 0
         self._epoch_lock = threading.Lock()
+
+    def _set_fleet(self, fleet: Fleet, state: RouterState) -> None:
+        self.fleet, self.state = fleet, state
+        self._check_state(state)
+        # With compiled kernels, the compiled boundary takes decide / route / complete
+        # and hands anything unusual back to the _python methods below.
+        boundary = getattr(self.kernels, "Boundary", None)
+        self._boundary = boundary(self, Decision, ACTION_NAMES, REASON_NAMES) if boundary else None
+        if self._boundary is not None:
+            self.decide = self._boundary.decide  # type: ignore[method-assign]
+            self.route = self._boundary.route  # type: ignore[method-assign]
+            self.complete = self._boundary.complete  # type: ignore[method-assign]
 
     @property
     def topology(self) -> Topology:
@@ -62,7 +75,7 @@ class Router:
     @property
     def native(self) -> bool:
         """True when this router's kernels are the compiled ones."""
-        return self.kernels is _compat.compiled
+        return self.kernels is _compat.compiled_decide
 
     # ------------------------------------------------------------ snapshots
     def snapshot(self, signals: Signals) -> Snapshot:
@@ -85,57 +98,49 @@ class Router:
             for g, name in enumerate(fleet.topology.regions):
                 if name in old_regions:
                     state.queued[g] = old_state.queued[old_regions.index(name)]
-            if len(state.prefix_keys) == len(old_state.prefix_keys):
-                state.prefix_keys[:] = old_state.prefix_keys
-                state.prefix_stamp[:] = old_state.prefix_stamp
-                state.prefix_owner[:] = remap[old_state.prefix_owner]  # -1 stays -1 (last entry)
+            if len(state.prefix) == len(old_state.prefix):
+                state.prefix[...] = old_state.prefix
+                state.prefix["owner"] = remap[old_state.prefix["owner"]]  # -1 stays -1 (last entry)
                 state.clock[:] = old_state.clock
-        self.fleet, self.state = fleet, state
+        self._set_fleet(fleet, state)
 
     # ------------------------------------------------------------ decisions
     def decide(self, request: Request, snapshot: Snapshot, state: Optional[RouterState] = None) -> Decision:
         """The decision for ``request``; reads snapshot and state, writes nothing."""
-        state = self.state if state is None else state
-        return self._decide(request, snapshot, state)[0]
+        return self._decide_python(request, snapshot, self.state if state is None else state)
 
     def route(self, request: Request, snapshot: Snapshot) -> Decision:
         """Decide and record: optimistic in-flight, prefix index, spill, queue slots."""
-        state = self.state
-        with state.lock:
-            if snapshot.epoch > state.epoch:
-                state.roll(snapshot.epoch)
-            decision, args = self._decide(request, snapshot, state)
-            action = decision.action
-            r = decision.replica_index
-            if action in ("serve", "overflow", "degrade"):
-                state.pending[r] += 1
-                self.kernels.prefix_record(state, args[0], r)
-                home = int(self.fleet.home[args[1]])
-                region = int(self.fleet.replica_region[r])
-                if region != home and decision.epoch == state.epoch:
-                    state.spill_pair[home * self.fleet.n_regions + region] += 1
-                    state.spill_total[region] += 1
-            elif action == "queue":
-                state.queued[int(self.fleet.home[args[1]])] += 1
-        return decision
+        return self._route_python(request, snapshot)
 
     def complete(self, decision: Decision, replica: Optional[str] = None, ok: bool = True) -> None:
         """Release what :meth:`route` recorded; ``replica`` is who actually served
         (a fallback?), whose prefix cache now holds the prompt when ``ok``."""
+        self._complete_python(decision, replica, ok)
+
+    # The Python boundary: the reference for the compiled one, and its fallback.
+    def _decide_python(self, request: Request, snapshot: Snapshot, state: RouterState) -> Decision:
+        return self._decide(request, snapshot, state)[0]
+
+    def _route_python(self, request: Request, snapshot: Snapshot) -> Decision:
+        state = self.state
+        with state.lock:
+            if snapshot.epoch > state.epoch:
+                state.roll(snapshot.epoch)
+            decision, (prefix, origin) = self._decide(request, snapshot, state)
+            self.kernels.record(snapshot, state, _ACTION_CODE[decision.action], decision.replica_index, origin, prefix)
+        return decision
+
+    def _complete_python(self, decision: Decision, replica: Optional[str], ok: bool) -> None:
         state, fleet = self.state, self.fleet
         with state.lock:
-            if decision.action in ("serve", "overflow", "degrade"):
-                r = fleet.replica_index.get(decision.replica or "")
-                if r is not None and decision.epoch == state.epoch and state.pending[r] > 0:
-                    state.pending[r] -= 1
-                if ok and replica is not None and replica != decision.replica:
-                    served = fleet.replica_index.get(replica)
-                    if served is not None:
-                        self.kernels.prefix_record(state, self._prefix(decision.request), served)
-            elif decision.action == "queue" and decision.region in fleet.topology.regions:
-                g = fleet.topology.regions.index(decision.region)
-                if state.queued[g] > 0:
-                    state.queued[g] -= 1
+            home = fleet.region_index.get(decision.region or "", -1)
+            r = decision.replica_index if decision.epoch == state.epoch else -1
+            self.kernels.release(state, _ACTION_CODE[decision.action], r, decision.epoch, home)
+            if ok and replica is not None and replica != decision.replica and decision.action != "queue":
+                served = fleet.replica_index.get(replica)
+                if served is not None:
+                    self.kernels.prefix_record(state, self._prefix(decision.request), served)
 
     # ------------------------------------------------------------ boundary
     def _check_state(self, state: RouterState) -> None:
@@ -192,7 +197,10 @@ class Router:
         if request.session is not None:
             if not isinstance(request.session, str):
                 raise RequestError("session", "must be a string")
-            ring_key, has_key = xxhash.xxh3_64_intdigest(request.session.encode("utf-8")), True
+            try:
+                ring_key, has_key = xxhash.xxh3_64_intdigest(request.session.encode("utf-8")), True
+            except UnicodeEncodeError:
+                raise RequestError("session", "must be encodable as UTF-8") from None
         elif len(prefix):
             k = max(1, -(-fleet.policy.ring_key_tokens // block_tokens))
             ring_key, has_key = int(prefix[min(k, len(prefix)) - 1]), True

@@ -73,6 +73,7 @@ class Fleet:
 
         # Flatten replicas ordered by (model, region, deployment, replica).
         region_index = {r: i for i, r in enumerate(topology.regions)}
+        self.region_index = region_index
         rows = []
         for order, d in enumerate(topology.deployments):
             m, g, v = self.model_index[d.model], region_index[d.region], version_ids[d.version]
@@ -308,6 +309,8 @@ class Snapshot:
         self.tpot_base_ms = tpot_base
         self.tpot_ms_per_batch = tpot_per_batch
         self.service_ms = service
+        # ms between two departures from a full replica: turns queue depth into wait
+        self.slot_ms = service / fleet.decode_slots
         self.region_up = region_up
         self.spill_pair = spill_pair
         self.spill_total = spill_total

@@ -28,10 +28,16 @@ import threading
 
 import numpy as np
 
-__all__ = ["RouterState", "PROBE", "WAYS"]
+__all__ = ["RouterState", "PROBE", "WAYS", "PREFIX_ENTRY", "STATE_ARRAYS"]
 
-PROBE = 8
+PROBE = 4
 WAYS = 4
+# One prefix-index entry is one 64-byte cache line (the kernel's PrefixEntry struct):
+# a probe touches one line, not one in each of three arrays.
+PREFIX_ENTRY = np.dtype([("key", "<u8"), ("owner", "<i4", (WAYS,)), ("stamp", "<u8", (WAYS,)), ("pad", "u1", (8,))])
+assert PREFIX_ENTRY.itemsize == 64
+# Every array a RouterState holds (copy(), tests that compare two states).
+STATE_ARRAYS = ("pending", "spill_pair", "spill_total", "queued", "prefix", "clock")
 
 
 class RouterState:
@@ -45,9 +51,8 @@ class RouterState:
         self.spill_pair = np.zeros(n_regions * n_regions, dtype=np.int32)
         self.spill_total = np.zeros(n_regions, dtype=np.int32)
         self.queued = np.zeros(n_regions, dtype=np.int32)
-        self.prefix_keys = np.zeros(prefix_entries, dtype=np.uint64)
-        self.prefix_owner = np.full(prefix_entries * WAYS, -1, dtype=np.int32)
-        self.prefix_stamp = np.zeros(prefix_entries * WAYS, dtype=np.uint64)
+        self.prefix = np.zeros(prefix_entries, dtype=PREFIX_ENTRY)
+        self.prefix["owner"] = -1
         self.clock = np.zeros(1, dtype=np.uint64)
         self.lock = threading.Lock()
         self._native: object = None  # the kernel's pointer view, built on first use
@@ -64,10 +69,29 @@ class RouterState:
             self.spill_total.fill(0)
             self.epoch = epoch
 
+    # Field views of the prefix table (what the twin and tests read).
+    @property
+    def prefix_keys(self) -> np.ndarray:
+        return self.prefix["key"]
+
+    @property
+    def prefix_owner(self) -> np.ndarray:
+        return self.prefix["owner"]
+
+    @property
+    def prefix_stamp(self) -> np.ndarray:
+        return self.prefix["stamp"]
+
     def copy(self) -> "RouterState":
         """An independent copy (for what-if decisions and tests)."""
-        other = RouterState(self.n_replicas, self.n_regions, len(self.prefix_keys))
+        other = RouterState(self.n_replicas, self.n_regions, len(self.prefix))
         other.epoch = self.epoch
-        for name in ("pending", "spill_pair", "spill_total", "queued", "prefix_keys", "prefix_owner", "prefix_stamp", "clock"):
+        for name in STATE_ARRAYS:
             getattr(other, name)[...] = getattr(self, name)
         return other
+
+    def same_as(self, other: "RouterState") -> bool:
+        """Equal epoch and arrays (tests hold the kernel and its twin to this)."""
+        return self.epoch == other.epoch and all(
+            np.array_equal(getattr(self, n).view(np.uint8), getattr(other, n).view(np.uint8)) for n in STATE_ARRAYS
+        )

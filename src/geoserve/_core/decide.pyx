@@ -11,7 +11,7 @@ acquiring a dozen memoryviews per call would cost more than the scan.
 cimport numpy as cnp
 from libc.math cimport ceil, floor, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 
 cnp.import_array()
 
@@ -35,7 +35,7 @@ cdef enum:
     R_OVER_BUDGET = 9
 
 cdef enum:
-    PROBE = 8
+    PROBE = 4
     WAYS = 4
     MAX_REGIONS = 64
     MAX_RANKED = 17  # Policy.max_fallbacks <= 16, plus the primary
@@ -61,6 +61,7 @@ cdef struct FleetC:
     const double* model_prefill_base_ms
     const double* model_prefill_ms_per_token
     const int32_t* model_start
+    const int32_t* group_start
     const int32_t* fallback_model
     const int32_t* region_slots
     const uint64_t* ring_points
@@ -77,8 +78,26 @@ cdef struct FleetC:
     int64_t default_retry_after_ms
 
 
+cdef struct Row:
+    # What the scan reads of one replica, packed into one cache line at view build
+    # (copied from the snapshot's columns: the twin reads the same numbers there).
+    double slot_ms
+    double prefill_base_ms
+    double prefill_ms_per_token
+    double tpot_base_ms
+    double tpot_ms_per_batch
+    int32_t in_flight
+    int32_t queue_depth
+    int32_t decode_slots
+    int32_t region
+    int32_t version
+    uint8_t usable  # status ok and region up
+
+
 cdef struct SnapC:
     int64_t epoch
+    Row* rows
+    int32_t* zeros  # n_replicas zeros, read-only: the match row of a request without prefix
     const uint8_t* status
     const uint8_t* region_up
     const int32_t* in_flight
@@ -86,9 +105,17 @@ cdef struct SnapC:
     const double* prefill_ms_per_token
     const double* tpot_base_ms
     const double* tpot_ms_per_batch
-    const double* service_ms
+    const double* slot_ms
     const double* spill_pair
     const double* spill_total
+
+
+cdef struct PrefixEntry:
+    # One 64-byte line; the layout of geoserve.state.PREFIX_ENTRY.
+    uint64_t key
+    int32_t owner[WAYS]
+    uint64_t stamp[WAYS]
+    uint8_t pad[8]
 
 
 cdef struct StateC:
@@ -96,9 +123,7 @@ cdef struct StateC:
     int32_t* spill_pair
     int32_t* spill_total
     int32_t* queued
-    uint64_t* prefix_keys
-    int32_t* prefix_owner
-    uint64_t* prefix_stamp
+    PrefixEntry* prefix
     uint64_t* clock
     uint64_t mask
 
@@ -134,7 +159,6 @@ cdef struct PickC:
     int64_t cached
     int n_fallbacks
     int fallbacks[MAX_RANKED]
-    bint any_candidate
     int wait_replica
     double wait_ms
     int64_t wait_load
@@ -151,7 +175,8 @@ cdef struct ModelC:
     int first
     int last
     bint live
-    int32_t* matched
+    int32_t* matched  # leading prefix blocks per replica of [first, last)
+    bint owns_matched
 
 
 cdef uint64_t _EMPTY = 0
@@ -192,6 +217,7 @@ cdef class SnapshotView:
         self.f.model_prefill_base_ms = <double*>_ptr(fleet.model_prefill_base_ms, f64, "model_prefill_base_ms")
         self.f.model_prefill_ms_per_token = <double*>_ptr(fleet.model_prefill_ms_per_token, f64, "model_prefill_ms_per_token")
         self.f.model_start = <int32_t*>_ptr(fleet.model_start, i32, "model_start")
+        self.f.group_start = <int32_t*>_ptr(fleet.group_start, i32, "group_start")
         self.f.fallback_model = <int32_t*>_ptr(fleet.fallback_model, i32, "fallback_model")
         self.f.region_slots = <int32_t*>_ptr(fleet.region_slots, i32, "region_slots")
         self.f.ring_points = <uint64_t*>_ptr(fleet.ring_points, u64, "ring_points")
@@ -215,9 +241,36 @@ cdef class SnapshotView:
         self.s.prefill_ms_per_token = <double*>_ptr(snapshot.prefill_ms_per_token, f64, "prefill_ms_per_token")
         self.s.tpot_base_ms = <double*>_ptr(snapshot.tpot_base_ms, f64, "tpot_base_ms")
         self.s.tpot_ms_per_batch = <double*>_ptr(snapshot.tpot_ms_per_batch, f64, "tpot_ms_per_batch")
-        self.s.service_ms = <double*>_ptr(snapshot.service_ms, f64, "service_ms")
+        self.s.slot_ms = <double*>_ptr(snapshot.slot_ms, f64, "slot_ms")
         self.s.spill_pair = <double*>_ptr(snapshot.spill_pair, f64, "spill_pair")
         self.s.spill_total = <double*>_ptr(snapshot.spill_total, f64, "spill_total")
+        self._pack(fleet.n_replicas)
+
+    cdef int _pack(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t r
+        cdef Row* row
+        self.s.rows = <Row*>malloc((n + 1) * sizeof(Row))
+        self.s.zeros = <int32_t*>calloc(n + 1, sizeof(int32_t))
+        if self.s.rows == NULL or self.s.zeros == NULL:
+            raise MemoryError()
+        for r in range(n):
+            row = &self.s.rows[r]
+            row.slot_ms = self.s.slot_ms[r]
+            row.prefill_base_ms = self.f.prefill_base_ms[r]
+            row.prefill_ms_per_token = self.s.prefill_ms_per_token[r]
+            row.tpot_base_ms = self.s.tpot_base_ms[r]
+            row.tpot_ms_per_batch = self.s.tpot_ms_per_batch[r]
+            row.in_flight = self.s.in_flight[r]
+            row.queue_depth = self.s.queue_depth[r]
+            row.decode_slots = self.f.decode_slots[r]
+            row.region = self.f.replica_region[r]
+            row.version = self.f.replica_version[r]
+            row.usable = self.s.status[r] == 0 and self.s.region_up[row.region] != 0
+        return 0
+
+    def __dealloc__(self):
+        free(self.s.rows)
+        free(self.s.zeros)
 
 
 cdef class StateView:
@@ -233,11 +286,12 @@ cdef class StateView:
         self.st.spill_pair = <int32_t*>_ptr(state.spill_pair, i32, "spill_pair")
         self.st.spill_total = <int32_t*>_ptr(state.spill_total, i32, "spill_total")
         self.st.queued = <int32_t*>_ptr(state.queued, i32, "queued")
-        self.st.prefix_keys = <uint64_t*>_ptr(state.prefix_keys, u64, "prefix_keys")
-        self.st.prefix_owner = <int32_t*>_ptr(state.prefix_owner, i32, "prefix_owner")
-        self.st.prefix_stamp = <uint64_t*>_ptr(state.prefix_stamp, u64, "prefix_stamp")
+        from geoserve.state import PREFIX_ENTRY
+        if sizeof(PrefixEntry) != 64 or PREFIX_ENTRY.itemsize != 64:
+            raise TypeError("prefix table layout mismatch")
+        self.st.prefix = <PrefixEntry*>_ptr(state.prefix, PREFIX_ENTRY, "prefix")
         self.st.clock = <uint64_t*>_ptr(state.clock, u64, "clock")
-        self.st.mask = <uint64_t>(len(state.prefix_keys) - 1)
+        self.st.mask = <uint64_t>(len(state.prefix) - 1)
 
 
 cdef inline SnapshotView _snapshot_view(object snapshot):
@@ -276,7 +330,7 @@ cdef inline int64_t _prefix_find(const StateC* st, uint64_t block_hash) noexcept
     cdef int p
     for p in range(PROBE):
         slot = (base + <uint64_t>p) & st.mask
-        k = st.prefix_keys[slot]
+        k = st.prefix[slot].key
         if k == key:
             return <int64_t>slot
         if k == 0:
@@ -284,25 +338,24 @@ cdef inline int64_t _prefix_find(const StateC* st, uint64_t block_hash) noexcept
     return -1
 
 
-cdef inline void _add_owner(StateC* st, uint64_t slot, int32_t replica, uint64_t stamp) noexcept nogil:
-    cdef uint64_t first = slot * WAYS
-    cdef int64_t free_way = -1
-    cdef uint64_t oldest = first
-    cdef uint64_t w
+cdef inline void _add_owner(PrefixEntry* e, int32_t replica, uint64_t stamp) noexcept nogil:
+    cdef int free_way = -1
+    cdef int oldest = 0
+    cdef int w
     cdef int32_t o
-    for w in range(first, first + WAYS):
-        o = st.prefix_owner[w]
+    for w in range(WAYS):
+        o = e.owner[w]
         if o == replica:
-            st.prefix_stamp[w] = stamp
+            e.stamp[w] = stamp
             return
         if o < 0:
             if free_way < 0:
-                free_way = <int64_t>w
-        elif st.prefix_stamp[w] < st.prefix_stamp[oldest]:
+                free_way = w
+        elif e.stamp[w] < e.stamp[oldest]:
             oldest = w
-    w = <uint64_t>free_way if free_way >= 0 else oldest
-    st.prefix_owner[w] = replica
-    st.prefix_stamp[w] = stamp
+    w = free_way if free_way >= 0 else oldest
+    e.owner[w] = replica
+    e.stamp[w] = stamp
 
 
 cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32_t replica) noexcept nogil:
@@ -311,6 +364,7 @@ cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32
     cdef Py_ssize_t i
     cdef int p, w
     cdef bint placed
+    cdef PrefixEntry* e
     st.clock[0] += 1
     stamp = st.clock[0]
     for i in range(n):
@@ -321,40 +375,44 @@ cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32
         placed = False
         for p in range(PROBE):
             slot = (base + <uint64_t>p) & st.mask
-            k = st.prefix_keys[slot]
+            e = &st.prefix[slot]
+            k = e.key
             if k == key or k == 0:
-                st.prefix_keys[slot] = key
-                _add_owner(st, slot, replica, stamp)
+                e.key = key
+                _add_owner(e, replica, stamp)
                 placed = True
                 break
-            newest = st.prefix_stamp[slot * WAYS]
+            newest = e.stamp[0]
             for w in range(1, WAYS):
-                if st.prefix_stamp[slot * WAYS + w] > newest:
-                    newest = st.prefix_stamp[slot * WAYS + w]
+                if e.stamp[w] > newest:
+                    newest = e.stamp[w]
             if victim < 0 or newest < victim_stamp:
                 victim = <int64_t>slot
                 victim_stamp = newest
         if not placed:
-            st.prefix_keys[victim] = key
+            e = &st.prefix[victim]
+            e.key = key
             for w in range(WAYS):
-                st.prefix_owner[victim * WAYS + w] = -1
-                st.prefix_stamp[victim * WAYS + w] = 0
-            _add_owner(st, <uint64_t>victim, replica, stamp)
+                e.owner[w] = -1
+                e.stamp[w] = 0
+            _add_owner(e, replica, stamp)
 
 
 cdef void _prefix_match(const StateC* st, const ReqC* req, int first, int last, int32_t* matched) noexcept nogil:
     cdef Py_ssize_t i
     cdef int64_t slot
-    cdef uint64_t w
+    cdef int w
     cdef int32_t r
     cdef bint advanced
+    cdef const PrefixEntry* e
     for i in range(req.n_prefix):
         slot = _prefix_find(st, req.prefix[i])
         if slot < 0:
             break
+        e = &st.prefix[slot]
         advanced = False
-        for w in range(<uint64_t>slot * WAYS, <uint64_t>slot * WAYS + WAYS):
-            r = st.prefix_owner[w]
+        for w in range(WAYS):
+            r = e.owner[w]
             if r >= first and r < last and matched[r - first] == i:
                 matched[r - first] = <int32_t>(i + 1)
                 advanced = True
@@ -364,14 +422,15 @@ cdef void _prefix_match(const StateC* st, const ReqC* req, int first, int last, 
 
 # ------------------------------------------------------------ the decision
 cdef inline int64_t _load(const ModelC* m, int r) noexcept nogil:
-    return m.s.in_flight[r] + (m.st.pending[r] if m.live else 0)
+    return m.s.rows[r].in_flight + (m.st.pending[r] if m.live else 0)
 
 
 cdef inline bint _candidate(const ModelC* m, int r) noexcept nogil:
     cdef Py_ssize_t i
-    if m.s.status[r] != 0 or not m.s.region_up[m.f.replica_region[r]]:
+    cdef const Row* row = &m.s.rows[r]
+    if not row.usable:
         return False
-    if m.version >= 0 and m.f.replica_version[r] != m.version:
+    if m.version >= 0 and row.version != m.version:
         return False
     for i in range(m.req.n_exclude):
         if m.req.exclude[i] == r:
@@ -380,14 +439,13 @@ cdef inline bint _candidate(const ModelC* m, int r) noexcept nogil:
 
 
 cdef inline bint _admitted(const ModelC* m, int r) noexcept nogil:
-    return <double>_load(m, r) < m.req.ceiling * <double>m.f.decode_slots[r]
+    return <double>_load(m, r) < m.req.ceiling * <double>m.s.rows[r].decode_slots
 
 
 cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noexcept nogil:
-    cdef const FleetC* f = m.f
-    cdef const SnapC* s = m.s
+    cdef const Row* row = &m.s.rows[r]
     cdef const ReqC* req = m.req
-    cdef int64_t slots = f.decode_slots[r]
+    cdef int64_t slots = row.decode_slots
     cdef int64_t extra = load + 1 - slots
     cdef int64_t batch = load + 1
     cdef int64_t cached
@@ -395,21 +453,35 @@ cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noex
         extra = 0
     if batch > slots:
         batch = slots
-    out.network = f.rtt_ms[req.origin * f.n_locations + f.replica_region[r]]
-    out.queue = <double>(s.queue_depth[r] + extra) * s.service_ms[r] / <double>slots
+    out.network = m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
+    out.queue = <double>(row.queue_depth + extra) * row.slot_ms
     cached = <int64_t>m.matched[r - m.first] * req.block_tokens
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
     out.cached = cached
-    out.prefill = f.prefill_base_ms[r] + s.prefill_ms_per_token[r] * <double>(req.prompt_tokens - cached)
-    out.decode = s.tpot_base_ms[r] + s.tpot_ms_per_batch[r] * <double>batch
+    out.prefill = row.prefill_base_ms + row.prefill_ms_per_token * <double>(req.prompt_tokens - cached)
+    out.decode = row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch
     out.ttft = out.network + out.queue + out.prefill + out.decode
 
 
 cdef inline double _ttft(const ModelC* m, int r, int64_t load) noexcept nogil:
-    cdef PickC tmp
-    _predict(m, r, load, &tmp)
-    return tmp.ttft
+    # The same expression as _predict's ttft, without storing the split.
+    cdef const Row* row = &m.s.rows[r]
+    cdef const ReqC* req = m.req
+    cdef int64_t slots = row.decode_slots
+    cdef int64_t extra = load + 1 - slots
+    cdef int64_t batch = load + 1
+    cdef int64_t cached = <int64_t>m.matched[r - m.first] * req.block_tokens
+    if extra < 0:
+        extra = 0
+    if batch > slots:
+        batch = slots
+    if cached > req.prompt_tokens:
+        cached = req.prompt_tokens
+    return (m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
+            + <double>(row.queue_depth + extra) * row.slot_ms
+            + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(req.prompt_tokens - cached))
+            + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
 
 
 cdef int _ring_home(const ModelC* m, int region) noexcept nogil:
@@ -439,11 +511,6 @@ cdef int _ring_home(const ModelC* m, int region) noexcept nogil:
     return -1
 
 
-cdef inline bint _under_bound(const ModelC* m, int r, int64_t region_load, int64_t region_replicas) noexcept nogil:
-    cdef double capacity = ceil(m.f.load_bound * <double>(region_load + 1) / <double>region_replicas)
-    return <double>(_load(m, r) + 1) <= capacity
-
-
 cdef void _budgets(const ModelC* m, double* b_local, double* b_cross) noexcept nogil:
     cdef const FleetC* f = m.f
     cdef const ReqC* req = m.req
@@ -468,11 +535,23 @@ cdef int _model_open(ModelC* m, const FleetC* f, const SnapC* s, const StateC* s
     m.first = f.model_start[model]
     m.last = f.model_start[model + 1]
     m.live = state_epoch == s.epoch
+    if req.n_prefix == 0:
+        # nothing can match: read the view's shared row of zeros, allocate nothing
+        m.matched = s.zeros + m.first
+        m.owns_matched = False
+        return 0
     m.matched = <int32_t*>calloc(<size_t>(m.last - m.first + 1), sizeof(int32_t))
     if m.matched == NULL:
         return -1
+    m.owns_matched = True
     _prefix_match(st, req, m.first, m.last, m.matched)
     return 0
+
+
+cdef inline void _model_close(ModelC* m) noexcept nogil:
+    if m.owns_matched:
+        free(m.matched)
+        m.owns_matched = False
 
 
 cdef inline void _no_target(PickC* pick) noexcept nogil:
@@ -486,136 +565,264 @@ cdef inline void _no_target(PickC* pick) noexcept nogil:
     pick.n_fallbacks = 0
 
 
+cdef struct GroupC:
+    # A scan of one (model, region) group (the twin's _Group).
+    int region
+    int first
+    int last
+    int64_t load_sum
+    int64_t slot_sum
+    int64_t n_ok
+    int best
+    double best_ttft
+
+
+cdef struct RankC:
+    # The best few (ttft, replica), best first: the retry list.
+    int n
+    int keep
+    double ttft[MAX_RANKED]
+    int replica[MAX_RANKED]
+
+
+cdef inline void _group_open(const ModelC* m, int region, GroupC* group) noexcept nogil:
+    cdef int g = m.model * m.f.n_regions + region
+    group.region = region
+    group.first = m.f.group_start[g]
+    group.last = m.f.group_start[g + 1]
+    group.load_sum = 0
+    group.slot_sum = 0
+    group.n_ok = 0
+    group.best = -1
+    group.best_ttft = INFINITY
+
+
+cdef inline void _rank(RankC* ranked, double ttft, int r) noexcept nogil:
+    cdef int at = ranked.n
+    cdef int j
+    while at > 0 and ranked.ttft[at - 1] > ttft:
+        at -= 1
+    if at < ranked.keep:
+        j = ranked.n if ranked.n < ranked.keep else ranked.keep - 1
+        while j > at:
+            ranked.ttft[j] = ranked.ttft[j - 1]
+            ranked.replica[j] = ranked.replica[j - 1]
+            j -= 1
+        ranked.ttft[at] = ttft
+        ranked.replica[at] = r
+        if ranked.n < ranked.keep:
+            ranked.n += 1
+
+
+cdef bint _has_candidate(const ModelC* m) noexcept nogil:
+    cdef int r
+    for r in range(m.first, m.last):
+        if _candidate(m, r):
+            return True
+    return False
+
+
+cdef inline bint _under_bound(const ModelC* m, int r, const GroupC* group) noexcept nogil:
+    cdef double capacity = ceil(m.f.load_bound * <double>(group.load_sum + 1) / <double>group.n_ok)
+    return <double>(_load(m, r) + 1) <= capacity
+
+
+cdef int _affinity(const ModelC* m, const GroupC* group, double budget) noexcept nogil:
+    cdef int r
+    if not m.req.has_key:
+        return -1
+    r = _ring_home(m, group.region)
+    if r >= 0 and _under_bound(m, r, group) and _ttft(m, r, _load(m, r)) <= budget:
+        return r
+    return -1
+
+
+cdef void _scan_load(const ModelC* m, GroupC* group) noexcept nogil:
+    cdef int r
+    if not m.s.region_up[group.region]:
+        return
+    for r in range(group.first, group.last):
+        if m.s.rows[r].usable:
+            group.load_sum += _load(m, r)
+            group.slot_sum += m.s.rows[r].decode_slots
+            group.n_ok += 1
+
+
+cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick, RankC* ranked) noexcept nogil:
+    """The home group in one pass: its load sums, its best admitted replica, the
+    retry list and the soonest admission wait (the twin's scan_load + scan_home)."""
+    # Everything the loop reads is copied into locals: the loop stores through
+    # pointers, so the compiler could not otherwise keep them in registers.
+    cdef const Row* rows = m.s.rows
+    cdef const int32_t* pending = m.st.pending
+    cdef const int32_t* matched = m.matched
+    cdef const int32_t* exclude = m.req.exclude
+    cdef Py_ssize_t n_exclude = m.req.n_exclude
+    cdef bint live = m.live
+    cdef int version = m.version
+    cdef int first = m.first
+    cdef double ceiling = m.req.ceiling
+    cdef int64_t prompt = m.req.prompt_tokens
+    cdef int64_t block_tokens = m.req.block_tokens
+    cdef double network = m.f.rtt_ms[m.req.origin * m.f.n_locations + group.region]
+    cdef bint region_up = m.s.region_up[group.region] != 0
+    cdef int64_t load_sum = 0, slot_sum = 0, n_ok = 0
+    cdef int best = -1
+    cdef double best_ttft = INFINITY
+    cdef const Row* row
+    cdef int r
+    cdef Py_ssize_t i
+    cdef int64_t load, slots, k, extra, batch, cached
+    cdef double ttft, wait
+    cdef bint excluded
+    if not region_up:
+        return
+    for r in range(group.first, group.last):
+        row = &rows[r]
+        if not row.usable:
+            continue
+        load = row.in_flight + (pending[r] if live else 0)
+        slots = row.decode_slots
+        load_sum += load
+        slot_sum += slots
+        n_ok += 1
+        if version >= 0 and row.version != version:
+            continue
+        excluded = False
+        for i in range(n_exclude):
+            if exclude[i] == r:
+                excluded = True
+        if excluded:
+            continue
+        if not (<double>load < ceiling * <double>slots):
+            # departures needed before this class is admitted here
+            k = <int64_t>floor(<double>load - ceiling * <double>slots) + 1
+            wait = <double>k * row.slot_ms
+            if wait < pick.wait_ms:
+                pick.wait_ms = wait
+                pick.wait_replica = r
+                pick.wait_load = load - k
+            continue
+        extra = load + 1 - slots
+        if extra < 0:
+            extra = 0
+        batch = load + 1
+        if batch > slots:
+            batch = slots
+        cached = <int64_t>matched[r - first] * block_tokens
+        if cached > prompt:
+            cached = prompt
+        # the same expression, in the same order, as _predict and the twin's predict
+        ttft = (network + <double>(row.queue_depth + extra) * row.slot_ms
+                + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(prompt - cached))
+                + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
+        if ttft < best_ttft:
+            best_ttft = ttft
+            best = r
+        if ttft <= b_cross:
+            _rank(ranked, ttft, r)
+    group.load_sum = load_sum
+    group.slot_sum = slot_sum
+    group.n_ok = n_ok
+    group.best = best
+    group.best_ttft = best_ttft
+
+
+cdef void _scan_remote(const ModelC* m, GroupC* group, double b_cross, RankC* ranked) noexcept nogil:
+    cdef int r
+    cdef double ttft
+    for r in range(group.first, group.last):
+        if not (_candidate(m, r) and _admitted(m, r)):
+            continue
+        ttft = _ttft(m, r, _load(m, r))
+        if ttft > b_cross:
+            continue
+        if ttft < group.best_ttft:
+            group.best_ttft = ttft
+            group.best = r
+        if ranked != NULL:
+            _rank(ranked, ttft, r)
+
+
+cdef bint _accepts_spill(const ModelC* m, const GroupC* group) noexcept nogil:
+    cdef int home = m.req.home
+    cdef int n_regions = m.f.n_regions
+    cdef double pair, total
+    if group.slot_sum == 0 or not (<double>group.load_sum < m.f.spill_ceiling * <double>group.slot_sum):
+        return False
+    pair = m.s.spill_pair[home * n_regions + group.region]
+    total = m.s.spill_total[group.region]
+    if m.live:
+        pair -= m.st.spill_pair[home * n_regions + group.region]
+        total -= m.st.spill_total[group.region]
+    return pair >= 1.0 and total >= 1.0
+
+
 cdef void _choose(const ModelC* m, double b_local, double b_cross, PickC* pick) noexcept nogil:
     cdef const FleetC* f = m.f
-    cdef const SnapC* s = m.s
-    cdef const StateC* st = m.st
     cdef const ReqC* req = m.req
-    cdef int n_regions = f.n_regions
-    cdef int home = req.home
-    cdef int64_t load_sum[MAX_REGIONS]
-    cdef int64_t slot_sum[MAX_REGIONS]
-    cdef int64_t n_ok[MAX_REGIONS]
-    cdef bint accepts[MAX_REGIONS]
-    cdef int best[MAX_REGIONS]
-    cdef double best_ttft[MAX_REGIONS]
-    cdef double ranked_ttft[MAX_RANKED]
-    cdef int ranked_rep[MAX_RANKED]
-    cdef int n_ranked = 0
-    cdef int keep = f.max_fallbacks + 1
-    cdef int r, g, at, j, target, chosen, action, reason
-    cdef int64_t load, slots, k
-    cdef double pair, total, ttft, wait, budget
-    cdef bint eligible
+    cdef GroupC home, group, target
+    cdef RankC ranked
+    cdef bint have_target = False
+    cdef int g, j, chosen, action, reason
+    cdef double budget
 
     pick.action = -1
     pick.reason = -1
     _no_target(pick)
     pick.budget = 0.0
-    pick.any_candidate = False
     pick.wait_replica = -1
     pick.wait_ms = INFINITY
     pick.wait_load = 0
+    ranked.n = 0
+    ranked.keep = f.max_fallbacks + 1
 
-    # Pass 1: each region's load over its usable replicas of this model.
-    for g in range(n_regions):
-        load_sum[g] = 0
-        slot_sum[g] = 0
-        n_ok[g] = 0
-        accepts[g] = False
-        best[g] = -1
-        best_ttft[g] = INFINITY
-    for r in range(m.first, m.last):
-        g = f.replica_region[r]
-        if s.status[r] != 0 or not s.region_up[g]:
-            continue
-        load_sum[g] += _load(m, r)
-        slot_sum[g] += f.decode_slots[r]
-        n_ok[g] += 1
-    for g in range(n_regions):
-        if g == home or slot_sum[g] == 0:
-            continue
-        if not (<double>load_sum[g] < f.spill_ceiling * <double>slot_sum[g]):
-            continue
-        pair = s.spill_pair[home * n_regions + g]
-        total = s.spill_total[g]
-        if m.live:
-            pair -= st.spill_pair[home * n_regions + g]
-            total -= st.spill_total[g]
-        accepts[g] = pair >= 1.0 and total >= 1.0
+    _group_open(m, req.home, &home)
+    _scan_home(m, &home, b_cross, pick, &ranked)
 
-    # Pass 2: predictions, the best replica per region, the retry list.
-    for r in range(m.first, m.last):
-        if not _candidate(m, r):
-            continue
-        pick.any_candidate = True
-        g = f.replica_region[r]
-        load = _load(m, r)
-        slots = f.decode_slots[r]
-        if not (<double>load < req.ceiling * <double>slots):
-            if g == home:
-                k = <int64_t>floor(<double>load - req.ceiling * <double>slots) + 1
-                wait = <double>k * s.service_ms[r] / <double>slots
-                if wait < pick.wait_ms:
-                    pick.wait_ms = wait
-                    pick.wait_replica = r
-                    pick.wait_load = load - k
-            continue
-        ttft = _ttft(m, r, load)
-        if g == home:
-            eligible = ttft <= b_cross
-        else:
-            eligible = accepts[g] and ttft <= b_cross
-        if (g == home or eligible) and ttft < best_ttft[g]:
-            best_ttft[g] = ttft
-            best[g] = r
-        if eligible:
-            at = n_ranked
-            while at > 0 and ranked_ttft[at - 1] > ttft:
-                at -= 1
-            if at < keep:
-                j = n_ranked if n_ranked < keep else keep - 1
-                while j > at:
-                    ranked_ttft[j] = ranked_ttft[j - 1]
-                    ranked_rep[j] = ranked_rep[j - 1]
-                    j -= 1
-                ranked_ttft[at] = ttft
-                ranked_rep[at] = r
-                if n_ranked < keep:
-                    n_ranked += 1
-
-    chosen = -1
-    action = -1
-    reason = -1
-    budget = 0.0
     # Home region: the affinity home while under its bound, else the fastest.
-    if req.has_key:
-        r = _ring_home(m, home)
-        if r >= 0 and _under_bound(m, r, load_sum[home], n_ok[home]) and _ttft(m, r, _load(m, r)) <= b_local:
-            chosen, action, reason, budget = r, SERVE, R_AFFINITY, b_local
-    if chosen < 0 and best[home] >= 0 and best_ttft[home] <= b_local:
-        chosen, action, reason, budget = best[home], SERVE, R_LEAST_TTFT, b_local
+    chosen = _affinity(m, &home, b_local)
+    action = SERVE
+    reason = R_AFFINITY
+    budget = b_local
+    if chosen < 0 and home.best >= 0 and home.best_ttft <= b_local:
+        chosen = home.best
+        reason = R_LEAST_TTFT
     # Overflow: the remote region with the lowest predicted TTFT within budget.
     if chosen < 0:
-        target = -1
-        for g in range(n_regions):
-            if g == home or best[g] < 0:
+        for g in range(f.n_regions):
+            if g == req.home:
                 continue
-            if target < 0 or best_ttft[g] < best_ttft[target] or (
-                best_ttft[g] == best_ttft[target]
-                and f.rtt_ms[req.origin * f.n_locations + g] < f.rtt_ms[req.origin * f.n_locations + target]
+            _group_open(m, g, &group)
+            _scan_load(m, &group)
+            if not _accepts_spill(m, &group):
+                continue
+            _scan_remote(m, &group, b_cross, NULL)
+            if group.best < 0:
+                continue
+            if not have_target or group.best_ttft < target.best_ttft or (
+                group.best_ttft == target.best_ttft
+                and f.rtt_ms[req.origin * f.n_locations + g] < f.rtt_ms[req.origin * f.n_locations + target.region]
             ):
-                target = g
-        if target >= 0:
-            chosen, action, reason, budget = best[target], OVERFLOW, R_SPILL_LEAST_TTFT, b_cross
-            if req.has_key:
-                r = _ring_home(m, target)
-                if r >= 0 and _under_bound(m, r, load_sum[target], n_ok[target]) and _ttft(m, r, _load(m, r)) <= b_cross:
-                    chosen = r
-                    reason = R_SPILL_AFFINITY
+                target = group
+                have_target = True
+        if have_target:
+            chosen = _affinity(m, &target, b_cross)
+            action = OVERFLOW
+            reason = R_SPILL_AFFINITY
+            budget = b_cross
+            if chosen < 0:
+                chosen = target.best
+                reason = R_SPILL_LEAST_TTFT
+            ranked.n = 0
+            _group_open(m, target.region, &group)
+            _scan_remote(m, &group, b_cross, &ranked)
     # Within the user-facing SLA at home, outside the routing target.
-    if chosen < 0 and best[home] >= 0 and best_ttft[home] <= b_cross:
-        chosen, action, reason, budget = best[home], SERVE, R_LOCAL_DEGRADED, b_cross
+    if chosen < 0 and home.best >= 0 and home.best_ttft <= b_cross:
+        chosen = home.best
+        action = SERVE
+        reason = R_LOCAL_DEGRADED
+        budget = b_cross
 
     if chosen >= 0:
         _predict(m, chosen, _load(m, chosen), pick)
@@ -623,9 +830,9 @@ cdef void _choose(const ModelC* m, double b_local, double b_cross, PickC* pick) 
         pick.reason = reason
         pick.replica = chosen
         pick.budget = budget
-        for j in range(n_ranked):
-            if ranked_rep[j] != chosen and pick.n_fallbacks < f.max_fallbacks:
-                pick.fallbacks[pick.n_fallbacks] = ranked_rep[j]
+        for j in range(ranked.n):
+            if ranked.replica[j] != chosen and pick.n_fallbacks < f.max_fallbacks:
+                pick.fallbacks[pick.n_fallbacks] = ranked.replica[j]
                 pick.n_fallbacks += 1
 
 
@@ -643,6 +850,7 @@ cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t stat
     cdef double b_local, b_cross, fb_local, fb_cross, wait
     cdef bint queue_full = False
     cdef bint any_candidate
+    cdef bint small_open = False
     cdef int r, fallback
     out_model[0] = model
     retry[0] = -1
@@ -651,7 +859,7 @@ cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t stat
     _budgets(&main, &b_local, &b_cross)
     _choose(&main, b_local, b_cross, out)
     if out.replica >= 0:
-        free(main.matched)
+        _model_close(&main)
         return 0
 
     # Queue: a home replica will admit this class soon enough for the budget.
@@ -674,29 +882,32 @@ cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t stat
                 out.budget = b_cross
                 out.n_fallbacks = 0
                 retry[0] = _retry(f, out.wait_ms)
-                free(main.matched)
+                _model_close(&main)
                 return 0
             queue_full = True
-    free(main.matched)
 
     # Degrade: the fallback model, any version, when it can serve now.
     fallback = f.fallback_model[model]
-    any_candidate = out.any_candidate
     if fallback >= 0:
         if _model_open(&small, f, s, st, req, state_epoch, fallback, -1) < 0:
+            _model_close(&main)
             return -1
+        small_open = True
         _budgets(&small, &fb_local, &fb_cross)
         _choose(&small, fb_local, fb_cross, &alt)
-        free(small.matched)
-        any_candidate = any_candidate or alt.any_candidate
         if alt.replica >= 0:
-            wait = out.wait_ms
+            _model_close(&main)
+            _model_close(&small)
             out[0] = alt
             out.action = DEGRADE
             out.reason = R_FALLBACK_MODEL
             out_model[0] = fallback
             return 0
 
+    any_candidate = _has_candidate(&main) or (small_open and _has_candidate(&small))
+    _model_close(&main)
+    if small_open:
+        _model_close(&small)
     wait = out.wait_ms if out.wait_replica >= 0 else <double>f.default_retry_after_ms
     out.action = SHED
     if not any_candidate:
@@ -767,3 +978,392 @@ def prefix_record(state, cnp.ndarray prefix, int replica):
     cdef Py_ssize_t n = cnp.PyArray_DIM(prefix, 0)
     with nogil:
         _prefix_record(&tv.st, data, n, replica)
+
+
+# ------------------------------------------------------------ route / complete
+cdef void _record(const FleetC* f, const SnapC* s, StateC* st, int64_t state_epoch, int action, int replica,
+                  int origin, const uint64_t* prefix, Py_ssize_t n_prefix) noexcept nogil:
+    cdef int home = f.home[origin]
+    cdef int region
+    if action == SERVE or action == OVERFLOW or action == DEGRADE:
+        _prefix_record(st, prefix, n_prefix, replica)
+        if s.epoch == state_epoch:  # a late caller's stale snapshot counts nothing
+            st.pending[replica] += 1
+            region = f.replica_region[replica]
+            if region != home:
+                st.spill_pair[home * f.n_regions + region] += 1
+                st.spill_total[region] += 1
+    elif action == QUEUE:
+        st.queued[home] += 1
+
+
+cdef void _release(StateC* st, int64_t state_epoch, int action, int replica, int64_t epoch, int home) noexcept nogil:
+    if action == SERVE or action == OVERFLOW or action == DEGRADE:
+        if replica >= 0 and epoch == state_epoch and st.pending[replica] > 0:
+            st.pending[replica] -= 1
+    elif action == QUEUE:
+        if home >= 0 and st.queued[home] > 0:
+            st.queued[home] -= 1
+
+
+def record(snapshot, state, int action, int replica, int origin, cnp.ndarray prefix):
+    """What route() remembers of a decision made against ``snapshot``."""
+    cdef SnapshotView sv = _snapshot_view(snapshot)
+    cdef StateView tv = _state_view(state)
+    if cnp.PyArray_TYPE(prefix) != cnp.NPY_UINT64 or not cnp.PyArray_IS_C_CONTIGUOUS(prefix) or cnp.PyArray_NDIM(prefix) != 1:
+        raise TypeError("prefix must be a 1-D C-contiguous uint64 array")
+    if not (0 <= origin < sv.f.n_locations) or (action != QUEUE and action != SHED and not (0 <= replica < state.n_replicas)):
+        raise IndexError("origin or replica out of range")
+    _record(&sv.f, &sv.s, &tv.st, state.epoch, action, replica, origin,
+            <const uint64_t*>cnp.PyArray_DATA(prefix), cnp.PyArray_DIM(prefix, 0))
+
+
+def release(state, int action, int replica, int64_t epoch, int home):
+    """What complete() gives back: the in-flight count (same epoch only) or the queue slot."""
+    cdef StateView tv = _state_view(state)
+    if replica >= state.n_replicas or home >= state.n_regions:
+        raise IndexError("replica or region out of range")
+    _release(&tv.st, state.epoch, action, replica, epoch, home)
+
+
+# ------------------------------------------------------------ the boundary, compiled
+cdef extern from *:
+    """
+    #define XXH_INLINE_ALL
+    #include "xxhash.h"
+    """
+    uint64_t XXH3_64bits(const void* data, size_t length) nogil
+
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from libc.math cimport isfinite
+
+cdef enum:
+    MAX_EXCLUDE = 64
+    MAX_PREFIX_BLOCKS = 65536
+
+cdef int64_t MAX_COUNT = 2147483648  # counts above 2**31 are no request's: the Python boundary refuses them
+
+
+cdef inline bint _plain_count(object value, int64_t* out) noexcept:
+    # An exact int in [0, 2**31]; anything else takes the Python boundary (which names the field).
+    cdef int64_t v
+    if type(value) is not int:
+        return False
+    try:
+        v = value
+    except OverflowError:
+        return False
+    if v < 0 or v > MAX_COUNT:
+        return False
+    out[0] = v
+    return True
+
+
+cdef class Boundary:
+    """router.py's request-to-decision path for the common case, compiled.
+
+    ``decide`` / ``route`` return a :class:`Decision`, or ``None`` when the request
+    needs the Python boundary (any error, a tuple prefix, unusual types): that path
+    stays the one place where validation and error messages are written, and the
+    differential tests hold this one to it.
+    """
+    cdef object router
+    cdef object fleet
+    cdef object decision_cls
+    cdef dict model_refs
+    cdef list versions_by_model
+    cdef dict locations
+    cdef dict priorities
+    cdef dict replica_index
+    cdef list replica_ids
+    cdef list endpoints
+    cdef list replica_region_names
+    cdef list replica_version_names
+    cdef list model_names
+    cdef list home_region_names
+    cdef tuple action_names
+    cdef tuple reason_names
+    cdef int64_t ring_key_tokens
+    cdef int n_replicas
+    cdef int n_regions
+    cdef dict action_codes
+    cdef dict region_index
+    cdef object last_state
+    cdef object acquire
+    cdef object release_lock
+
+    def __cinit__(self, router, decision_cls, action_names, reason_names):
+        fleet = router.fleet
+        self.router = router
+        self.fleet = fleet
+        self.decision_cls = decision_cls
+        self.action_names = tuple(action_names)
+        self.reason_names = tuple(reason_names)
+        self.action_codes = {name: code for code, name in enumerate(self.action_names)}
+        self.region_index = dict(fleet.region_index)
+        refs = {}
+        for m, name in enumerate(fleet.models):
+            refs[name] = (m, -1)
+            for v in sorted(fleet.model_versions[m]):
+                refs[f"{name}@{fleet.versions[v]}"] = (m, v)
+        refs.update(fleet.aliases)
+        self.model_refs = refs
+        self.versions_by_model = [{fleet.versions[v]: v for v in fleet.model_versions[m]} for m in range(len(fleet.models))]
+        self.locations = dict(fleet.location_index)
+        self.priorities = dict(fleet.priority_index)
+        self.replica_index = dict(fleet.replica_index)
+        self.replica_ids = list(fleet.replica_ids)
+        self.endpoints = list(fleet.endpoints)
+        regions = fleet.topology.regions
+        self.replica_region_names = [regions[g] for g in fleet.replica_region]
+        self.replica_version_names = [fleet.versions[v] for v in fleet.replica_version]
+        self.model_names = list(fleet.models)
+        self.home_region_names = [regions[g] for g in fleet.home]
+        self.ring_key_tokens = fleet.policy.ring_key_tokens
+        self.n_replicas = fleet.n_replicas
+        self.n_regions = fleet.n_regions
+
+    cdef int _state(self, state) except -1:
+        # A state of this fleet's shape; its lock's bound methods cached.
+        if state is not self.last_state:
+            if state.n_replicas != self.n_replicas or state.n_regions != self.n_regions:
+                return 0
+            self.last_state = state
+            self.acquire = state.lock.acquire
+            self.release_lock = state.lock.release
+        return 1
+
+    cdef int _resolve(self, request, snapshot, ReqC* req, int* model, int* version, int32_t* exclude) except -1:
+        """Fill ``req``; 0 when the Python boundary must take over."""
+        cdef object ref, v, origin, priority, value, prefix, excl, session
+        cdef int64_t count, k, n
+        cdef double waited
+        cdef Py_ssize_t size, i
+        cdef const char* utf8
+        cdef cnp.ndarray arr
+        if snapshot.fleet is not self.fleet:
+            return 0
+        ref = self.model_refs.get(request.model)
+        if ref is None:
+            return 0
+        model[0] = (<tuple>ref)[0]
+        version[0] = (<tuple>ref)[1]
+        v = request.version
+        if v is not None:
+            v = (<dict>self.versions_by_model[model[0]]).get(v)
+            if v is None:
+                return 0
+            version[0] = v
+        origin = self.locations.get(request.origin)
+        priority = self.priorities.get(request.priority)
+        if origin is None or priority is None:
+            return 0
+        req.origin = origin
+        req.priority = priority
+        if not _plain_count(request.prompt_tokens, &req.prompt_tokens):
+            return 0
+        if not _plain_count(request.max_tokens, &count):
+            return 0
+        if not _plain_count(request.block_tokens, &req.block_tokens) or req.block_tokens < 1:
+            return 0
+        value = request.waited_ms
+        if type(value) is float:
+            waited = value
+        elif type(value) is int and _plain_count(value, &count):
+            waited = <double>count
+        else:
+            return 0
+        if not (isfinite(waited) and waited >= 0.0):
+            return 0
+        req.waited_ms = waited
+
+        prefix = request.prefix
+        if type(prefix) is tuple and len(<tuple>prefix) == 0:
+            req.prefix = NULL
+            req.n_prefix = 0
+        elif type(prefix) is cnp.ndarray:
+            arr = <cnp.ndarray>prefix
+            if cnp.PyArray_TYPE(arr) != cnp.NPY_UINT64 or cnp.PyArray_NDIM(arr) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+                return 0
+            req.n_prefix = cnp.PyArray_DIM(arr, 0)
+            if req.n_prefix > MAX_PREFIX_BLOCKS:
+                return 0
+            req.prefix = <const uint64_t*>cnp.PyArray_DATA(arr)
+        else:
+            return 0
+
+        session = request.session
+        if session is None:
+            if req.n_prefix > 0:
+                k = (self.ring_key_tokens + req.block_tokens - 1) // req.block_tokens
+                if k < 1:
+                    k = 1
+                if k > req.n_prefix:
+                    k = req.n_prefix
+                req.ring_key = req.prefix[k - 1]
+                req.has_key = True
+            else:
+                req.ring_key = 0
+                req.has_key = False
+        elif type(session) is str:
+            try:
+                utf8 = PyUnicode_AsUTF8AndSize(session, &size)
+            except UnicodeEncodeError:
+                return 0
+            req.ring_key = XXH3_64bits(utf8, size)
+            req.has_key = True
+        else:
+            return 0
+
+        excl = request.exclude
+        if type(excl) is not tuple:
+            return 0
+        n = len(<tuple>excl)
+        if n > MAX_EXCLUDE:
+            return 0
+        req.n_exclude = 0
+        for i in range(n):
+            value = (<tuple>excl)[i]
+            if type(value) is not str:
+                return 0
+            value = self.replica_index.get(value)  # ids unknown to this fleet exclude nothing
+            if value is not None:
+                exclude[req.n_exclude] = value
+                req.n_exclude += 1
+        req.exclude = exclude
+        return 1
+
+    cdef object _decision(self, request, const PickC* out, int out_model, int64_t retry, int64_t epoch, int origin):
+        cdef int r = out.replica
+        cdef int action = out.action
+        cdef int i, n = out.n_fallbacks
+        cdef tuple ids = PyTuple_New(n)
+        cdef tuple eps = PyTuple_New(n)
+        cdef object item
+        cdef object region, replica, endpoint, version
+        for i in range(n):
+            item = self.replica_ids[out.fallbacks[i]]
+            Py_INCREF(item)
+            PyTuple_SET_ITEM(ids, i, item)
+            item = self.endpoints[out.fallbacks[i]]
+            Py_INCREF(item)
+            PyTuple_SET_ITEM(eps, i, item)
+        if r >= 0 and action != QUEUE:
+            region = self.replica_region_names[r]
+            replica = self.replica_ids[r]
+            endpoint = self.endpoints[r]
+            version = self.replica_version_names[r]
+        else:
+            region = self.home_region_names[origin]
+            replica = endpoint = version = None
+            r = -1
+        return self.decision_cls(
+            self.action_names[action], self.reason_names[out.reason], request, self.model_names[out_model],
+            version, region, replica, endpoint, ids, eps,
+            out.network, out.queue, out.prefill, out.decode, out.ttft, out.budget, out.cached,
+            None if retry < 0 else retry, epoch, r,
+        )
+
+    def fast_decide(self, request, snapshot, state):
+        """The decision, or None to take the Python boundary."""
+        cdef ReqC req
+        cdef PickC out
+        cdef int model, version, out_model, rc
+        cdef int64_t retry
+        cdef int32_t exclude[MAX_EXCLUDE]
+        if not self._state(state) or not self._resolve(request, snapshot, &req, &model, &version, exclude):
+            return None
+        cdef SnapshotView sv = _snapshot_view(snapshot)
+        cdef StateView tv = _state_view(state)
+        cdef int64_t state_epoch = state.epoch
+        req.home = sv.f.home[req.origin]
+        req.local_budget = sv.f.class_local_budget_ms[req.priority]
+        req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
+        req.ceiling = sv.f.class_slot_ceiling[req.priority]
+        with nogil:
+            rc = _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
+        if rc < 0:
+            raise MemoryError()
+        return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
+
+    def fast_route(self, request, snapshot, state):
+        """Decide and record under the state's lock, or None to take the Python boundary."""
+        cdef ReqC req
+        cdef PickC out
+        cdef int model, version, out_model, rc
+        cdef int64_t retry, state_epoch
+        cdef int32_t exclude[MAX_EXCLUDE]
+        if not self._state(state) or not self._resolve(request, snapshot, &req, &model, &version, exclude):
+            return None
+        cdef SnapshotView sv = _snapshot_view(snapshot)
+        cdef StateView tv = _state_view(state)
+        req.home = sv.f.home[req.origin]
+        req.local_budget = sv.f.class_local_budget_ms[req.priority]
+        req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
+        req.ceiling = sv.f.class_slot_ceiling[req.priority]
+        self.acquire()
+        try:
+            if sv.s.epoch > state.epoch:
+                state.roll(sv.s.epoch)
+            state_epoch = state.epoch
+            with nogil:
+                rc = _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
+                if rc == 0:
+                    _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix)
+        finally:
+            self.release_lock()
+        if rc < 0:
+            raise MemoryError()
+        return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
+
+    def fast_complete(self, decision, replica, ok, state):
+        """Release what route() recorded; False to take the Python boundary (a
+        different serving replica, whose prefix must be recorded, or an odd decision)."""
+        cdef object code, region
+        cdef int action, home = -1
+        cdef int r
+        cdef int64_t epoch
+        if not self._state(state):
+            return False
+        if replica is not None and replica != decision.replica and ok:
+            return False
+        code = self.action_codes.get(decision.action)
+        if code is None:
+            return False
+        action = code
+        if action == QUEUE:
+            region = self.region_index.get(decision.region)
+            if region is None:
+                return False
+            home = region
+        epoch = decision.epoch
+        r = decision.replica_index
+        cdef StateView tv = _state_view(state)
+        self.acquire()
+        try:
+            if epoch != state.epoch:
+                r = -1
+            if r >= self.n_replicas:
+                return False
+            _release(&tv.st, state.epoch, action, r, epoch, home)
+        finally:
+            self.release_lock()
+        return True
+
+    # The router's public methods, bound onto it (Router._set_fleet): the compiled
+    # path first, the Python boundary when it declines.
+    def decide(self, request, snapshot, state=None):
+        if state is None:
+            state = self.router.state
+        decision = self.fast_decide(request, snapshot, state)
+        return decision if decision is not None else self.router._decide_python(request, snapshot, state)
+
+    def route(self, request, snapshot):
+        decision = self.fast_route(request, snapshot, self.router.state)
+        return decision if decision is not None else self.router._route_python(request, snapshot)
+
+    def complete(self, decision, replica=None, ok=True):
+        if not self.fast_complete(decision, replica, ok, self.router.state):
+            self.router._complete_python(decision, replica, ok)

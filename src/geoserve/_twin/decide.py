@@ -77,11 +77,10 @@ def prefix_find(state, block_hash: int) -> int:
 
 
 def _add_owner(state, slot: int, replica: int, stamp: int) -> None:
-    owners, stamps = state.prefix_owner, state.prefix_stamp
-    first = slot * WAYS
+    owners, stamps = state.prefix_owner[slot], state.prefix_stamp[slot]
     free = -1
-    oldest = first
-    for w in range(first, first + WAYS):
+    oldest = 0
+    for w in range(WAYS):
         o = owners[w]
         if o == replica:
             stamps[w] = stamp
@@ -115,13 +114,13 @@ def prefix_record(state, prefix, replica: int) -> None:
                 _add_owner(state, slot, replica, stamp)
                 placed = True
                 break
-            newest = int(max(stamps[slot * WAYS : slot * WAYS + WAYS]))
+            newest = int(stamps[slot].max())
             if victim < 0 or newest < victim_stamp:
                 victim, victim_stamp = slot, newest
         if not placed:
             keys[victim] = key
-            owners[victim * WAYS : victim * WAYS + WAYS] = -1
-            stamps[victim * WAYS : victim * WAYS + WAYS] = 0
+            owners[victim] = -1
+            stamps[victim] = 0
             _add_owner(state, victim, replica, stamp)
 
 
@@ -134,8 +133,8 @@ def prefix_match(state, prefix, first: int, last: int) -> dict[int, int]:
         if slot < 0:
             break
         advanced = False
-        for w in range(slot * WAYS, slot * WAYS + WAYS):
-            r = int(owners[w])
+        for w in range(WAYS):
+            r = int(owners[slot, w])
             if first <= r < last and matched.get(r, 0) == i:
                 matched[r] = i + 1
                 advanced = True
@@ -148,7 +147,7 @@ def prefix_match(state, prefix, first: int, last: int) -> dict[int, int]:
 class _Pick:
     """What choosing among one model's replicas found."""
 
-    __slots__ = ("action", "reason", "replica", "split", "budget", "cached", "fallbacks", "any_candidate", "wait_replica", "wait_ms", "wait_load")
+    __slots__ = ("action", "reason", "replica", "split", "budget", "cached", "fallbacks", "wait_replica", "wait_ms", "wait_load")
 
     def __init__(self) -> None:
         self.action = -1
@@ -158,14 +157,27 @@ class _Pick:
         self.budget = 0.0
         self.cached = 0
         self.fallbacks: list[int] = []
-        self.any_candidate = False
         self.wait_replica = -1
         self.wait_ms = INF
         self.wait_load = 0
 
 
+class _Group:
+    """A scan of one (model, region) group: its load and its best admitted replica."""
+
+    __slots__ = ("region", "load_sum", "slot_sum", "n_ok", "best", "best_ttft")
+
+    def __init__(self, region: int) -> None:
+        self.region = region
+        self.load_sum = 0
+        self.slot_sum = 0
+        self.n_ok = 0
+        self.best = -1
+        self.best_ttft = INF
+
+
 class _Model:
-    """One pass of the decision over the replicas of one model."""
+    """The decision's work over the replicas of one model."""
 
     def __init__(self, snap, state, req, model: int, version: int) -> None:
         f = snap.fleet
@@ -175,6 +187,10 @@ class _Model:
         self.last = int(f.model_start[model + 1])
         self.live = state.epoch == snap.epoch
         self.matched = prefix_match(state, req.prefix, self.first, self.last)
+
+    def group_range(self, region: int) -> tuple[int, int]:
+        g = self.model * self.f.n_regions + region
+        return int(self.f.group_start[g]), int(self.f.group_start[g + 1])
 
     def pending(self, r: int) -> int:
         return int(self.state.pending[r]) if self.live else 0
@@ -193,16 +209,22 @@ class _Model:
     def admitted(self, r: int) -> bool:
         return self.load(r) < self.req.ceiling * int(self.f.decode_slots[r])
 
+    def has_candidate(self) -> bool:
+        return any(self.candidate(r) for r in range(self.first, self.last))
+
     def predict(self, r: int, load: int) -> tuple[float, float, float, float, float, int]:
         """(network, queue, prefill, decode, ttft, cached tokens) at a given load."""
         s, f, req = self.snap, self.f, self.req
         slots = int(f.decode_slots[r])
         network = float(f.rtt_ms[req.origin, f.replica_region[r]])
-        queue = (int(s.queue_depth[r]) + max(0, load + 1 - slots)) * float(s.service_ms[r]) / slots
+        queue = (int(s.queue_depth[r]) + max(0, load + 1 - slots)) * float(s.slot_ms[r])
         cached = min(self.matched.get(r, 0) * req.block_tokens, req.prompt_tokens)
         prefill = float(f.prefill_base_ms[r]) + float(s.prefill_ms_per_token[r]) * (req.prompt_tokens - cached)
         decode = float(s.tpot_base_ms[r]) + float(s.tpot_ms_per_batch[r]) * min(load + 1, slots)
         return network, queue, prefill, decode, network + queue + prefill + decode, cached
+
+    def ttft(self, r: int) -> float:
+        return self.predict(r, self.load(r))[4]
 
     def ring_home(self, region: int) -> int:
         """First admitted candidate clockwise from the key on the (model, region) ring."""
@@ -228,100 +250,118 @@ class _Model:
                 return r
         return -1
 
-    def choose(self, b_local: float, b_cross: float) -> _Pick:
-        s, st, f, req = self.snap, self.state, self.f, self.req
-        n_regions = f.n_regions
-        home = req.home
-        pick = _Pick()
+    def under_bound(self, r: int, group: _Group) -> bool:
+        capacity = math.ceil(self.f.policy.load_bound * (group.load_sum + 1) / group.n_ok)
+        return self.load(r) + 1 <= capacity
 
-        # Pass 1: each region's load over its usable replicas of this model.
-        load_sum = [0] * n_regions
-        slot_sum = [0] * n_regions
-        n_ok = [0] * n_regions
-        for r in range(self.first, self.last):
-            g = int(f.replica_region[r])
-            if s.status[r] != _OK or not s.region_up[g]:
-                continue
-            load_sum[g] += self.load(r)
-            slot_sum[g] += int(f.decode_slots[r])
-            n_ok[g] += 1
-        accepts = [False] * n_regions
-        for g in range(n_regions):
-            if g == home or slot_sum[g] == 0:
-                continue
-            if not load_sum[g] < f.policy.spill_ceiling * slot_sum[g]:
-                continue
-            pair = float(s.spill_pair[home * n_regions + g])
-            total = float(s.spill_total[g])
-            if self.live:
-                pair -= int(st.spill_pair[home * n_regions + g])
-                total -= int(st.spill_total[g])
-            accepts[g] = pair >= 1.0 and total >= 1.0
+    def affinity(self, group: _Group, budget: float) -> int:
+        """The ring home in this group, if under its bound and within ``budget``; else -1."""
+        if not self.req.has_key:
+            return -1
+        r = self.ring_home(group.region)
+        if r >= 0 and self.under_bound(r, group) and self.ttft(r) <= budget:
+            return r
+        return -1
 
-        # Pass 2: predictions, the best replica per region, the retry list.
-        best = [-1] * n_regions
-        best_ttft = [INF] * n_regions
-        ttft_of: dict[int, float] = {}
-        ranked: list[tuple[float, int]] = []  # (ttft, replica), best first, at most max_fallbacks + 1
-        keep = f.policy.max_fallbacks + 1
-        for r in range(self.first, self.last):
+    def scan_load(self, group: _Group) -> None:
+        """The group's load over its usable replicas (status ok, region up)."""
+        s, f = self.snap, self.f
+        if not s.region_up[group.region]:
+            return
+        lo, hi = self.group_range(group.region)
+        for r in range(lo, hi):
+            if s.status[r] == _OK:
+                group.load_sum += self.load(r)
+                group.slot_sum += int(f.decode_slots[r])
+                group.n_ok += 1
+
+    def scan_home(self, group: _Group, b_cross: float, pick: _Pick, ranked: list) -> None:
+        """Best admitted home replica, the retry list, and the soonest admission wait."""
+        f = self.f
+        lo, hi = self.group_range(group.region)
+        for r in range(lo, hi):
             if not self.candidate(r):
                 continue
-            pick.any_candidate = True
-            g = int(f.replica_region[r])
             load = self.load(r)
             slots = int(f.decode_slots[r])
-            if not load < req.ceiling * slots:
-                if g == home:
-                    # departures needed before this class is admitted here
-                    k = math.floor(load - req.ceiling * slots) + 1
-                    wait = k * float(s.service_ms[r]) / slots
-                    if wait < pick.wait_ms:
-                        pick.wait_ms, pick.wait_replica, pick.wait_load = wait, r, load - k
+            if not load < self.req.ceiling * slots:
+                # departures needed before this class is admitted here
+                k = math.floor(load - self.req.ceiling * slots) + 1
+                wait = k * float(self.snap.slot_ms[r])
+                if wait < pick.wait_ms:
+                    pick.wait_ms, pick.wait_replica, pick.wait_load = wait, r, load - k
                 continue
             ttft = self.predict(r, load)[4]
-            ttft_of[r] = ttft
-            if g == home:
-                eligible = ttft <= b_cross
-            else:
-                eligible = accepts[g] and ttft <= b_cross
-            if (g == home or eligible) and ttft < best_ttft[g]:
-                best_ttft[g], best[g] = ttft, r
-            if eligible:
-                at = len(ranked)
-                while at > 0 and ranked[at - 1][0] > ttft:
-                    at -= 1
-                if at < keep:
-                    ranked.insert(at, (ttft, r))
-                    del ranked[keep:]
+            if ttft < group.best_ttft:
+                group.best_ttft, group.best = ttft, r
+            if ttft <= b_cross:
+                _rank(ranked, ttft, r, self.f.policy.max_fallbacks + 1)
 
-        chosen, action, reason, budget = -1, -1, -1, 0.0
+    def scan_remote(self, group: _Group, b_cross: float, ranked) -> None:
+        """Best admitted replica within ``b_cross`` (and the retry list when asked)."""
+        lo, hi = self.group_range(group.region)
+        for r in range(lo, hi):
+            if not (self.candidate(r) and self.admitted(r)):
+                continue
+            ttft = self.ttft(r)
+            if ttft > b_cross:
+                continue
+            if ttft < group.best_ttft:
+                group.best_ttft, group.best = ttft, r
+            if ranked is not None:
+                _rank(ranked, ttft, r, self.f.policy.max_fallbacks + 1)
+
+    def accepts_spill(self, group: _Group) -> bool:
+        s, st, f = self.snap, self.state, self.f
+        home, n_regions = self.req.home, f.n_regions
+        if group.slot_sum == 0 or not group.load_sum < f.policy.spill_ceiling * group.slot_sum:
+            return False
+        pair = float(s.spill_pair[home * n_regions + group.region])
+        total = float(s.spill_total[group.region])
+        if self.live:
+            pair -= int(st.spill_pair[home * n_regions + group.region])
+            total -= int(st.spill_total[group.region])
+        return pair >= 1.0 and total >= 1.0
+
+    def choose(self, b_local: float, b_cross: float) -> _Pick:
+        f, req = self.f, self.req
+        pick = _Pick()
+        home = _Group(req.home)
+        ranked: list[tuple[float, int]] = []  # (ttft, replica) best first, at most max_fallbacks + 1
+        self.scan_load(home)
+        self.scan_home(home, b_cross, pick, ranked)
+
         # Home region: the affinity home while under its bound, else the fastest.
-        if req.has_key:
-            r = self.ring_home(home)
-            if r >= 0 and self._under_bound(r, load_sum[home], n_ok[home]) and ttft_of[r] <= b_local:
-                chosen, action, reason, budget = r, SERVE, R_AFFINITY, b_local
-        if chosen < 0 and best[home] >= 0 and best_ttft[home] <= b_local:
-            chosen, action, reason, budget = best[home], SERVE, R_LEAST_TTFT, b_local
+        chosen, action, budget = self.affinity(home, b_local), SERVE, b_local
+        reason = R_AFFINITY
+        if chosen < 0 and home.best >= 0 and home.best_ttft <= b_local:
+            chosen, reason = home.best, R_LEAST_TTFT
         # Overflow: the remote region with the lowest predicted TTFT within budget.
         if chosen < 0:
-            target = -1
-            for g in range(n_regions):
-                if g == home or best[g] < 0:
+            target = None
+            for g in range(f.n_regions):
+                if g == req.home:
                     continue
-                if target < 0 or best_ttft[g] < best_ttft[target] or (
-                    best_ttft[g] == best_ttft[target] and f.rtt_ms[req.origin, g] < f.rtt_ms[req.origin, target]
+                group = _Group(g)
+                self.scan_load(group)
+                if not self.accepts_spill(group):
+                    continue
+                self.scan_remote(group, b_cross, None)
+                if group.best < 0:
+                    continue
+                if target is None or group.best_ttft < target.best_ttft or (
+                    group.best_ttft == target.best_ttft and f.rtt_ms[req.origin, g] < f.rtt_ms[req.origin, target.region]
                 ):
-                    target = g
-            if target >= 0:
-                chosen, action, reason, budget = best[target], OVERFLOW, R_SPILL_LEAST_TTFT, b_cross
-                if req.has_key:
-                    r = self.ring_home(target)
-                    if r >= 0 and self._under_bound(r, load_sum[target], n_ok[target]) and ttft_of[r] <= b_cross:
-                        chosen, reason = r, R_SPILL_AFFINITY
+                    target = group
+            if target is not None:
+                chosen, action, reason, budget = self.affinity(target, b_cross), OVERFLOW, R_SPILL_AFFINITY, b_cross
+                if chosen < 0:
+                    chosen, reason = target.best, R_SPILL_LEAST_TTFT
+                ranked = []
+                self.scan_remote(_Group(target.region), b_cross, ranked)
         # Within the user-facing SLA at home, outside the routing target.
-        if chosen < 0 and best[home] >= 0 and best_ttft[home] <= b_cross:
-            chosen, action, reason, budget = best[home], SERVE, R_LOCAL_DEGRADED, b_cross
+        if chosen < 0 and home.best >= 0 and home.best_ttft <= b_cross:
+            chosen, action, reason, budget = home.best, SERVE, R_LOCAL_DEGRADED, b_cross
 
         if chosen >= 0:
             network, queue, prefill, decode, ttft, cached = self.predict(chosen, self.load(chosen))
@@ -330,10 +370,6 @@ class _Model:
             pick.cached = cached
             pick.fallbacks = [r for _, r in ranked if r != chosen][: f.policy.max_fallbacks]
         return pick
-
-    def _under_bound(self, r: int, region_load: int, region_replicas: int) -> bool:
-        capacity = math.ceil(self.f.policy.load_bound * (region_load + 1) / region_replicas)
-        return self.load(r) + 1 <= capacity
 
     def budgets(self) -> tuple[float, float]:
         """Local and cross-region TTFT budgets, stretched for long prompts, less time waited."""
@@ -346,6 +382,16 @@ class _Model:
         b_local = (local if local >= stretched_local else stretched_local) - req.waited_ms
         b_cross = (cross if cross >= stretched_cross else stretched_cross) - req.waited_ms
         return b_local, b_cross
+
+
+def _rank(ranked: list, ttft: float, r: int, keep: int) -> None:
+    """Insert (ttft, r) keeping the list sorted by ttft, stable, at most ``keep`` long."""
+    at = len(ranked)
+    while at > 0 and ranked[at - 1][0] > ttft:
+        at -= 1
+    if at < keep:
+        ranked.insert(at, (ttft, r))
+        del ranked[keep:]
 
 
 class Req:
@@ -399,18 +445,17 @@ def decide(snap, state, model, version, origin, priority, prompt_tokens, ring_ke
 
     # Degrade: the fallback model, any version, when it can serve now.
     fallback = int(f.fallback_model[model])
-    any_candidate = pick.any_candidate
+    small = None
     if fallback >= 0:
         small = _Model(snap, state, req, fallback, -1)
         fb_local, fb_cross = small.budgets()
         alt = small.choose(fb_local, fb_cross)
-        any_candidate = any_candidate or alt.any_candidate
         if alt.replica >= 0:
             return _result(DEGRADE, R_FALLBACK_MODEL, fallback, alt)
 
     shed = _Pick()
     shed.budget = b_cross
-    if not any_candidate:
+    if not (main.has_candidate() or (small is not None and small.has_candidate())):
         reason = R_NO_REPLICA
     elif queue_full:
         reason = R_QUEUE_FULL
@@ -431,3 +476,30 @@ def _result(action, reason, model, pick, retry_after=-1):
         action, reason, model, pick.replica, tuple(pick.fallbacks),
         network, queue, prefill, decode, ttft, pick.budget, pick.cached, retry_after,
     )
+
+
+# ------------------------------------------------------------ route / complete
+def record(snap, state, action: int, replica: int, origin: int, prefix) -> None:
+    """What route() remembers of a decision made against ``snap``."""
+    f = snap.fleet
+    home = int(f.home[origin])
+    if action in (SERVE, OVERFLOW, DEGRADE):
+        prefix_record(state, prefix, replica)
+        if snap.epoch == state.epoch:  # a late caller's stale snapshot counts nothing
+            state.pending[replica] += 1
+            region = int(f.replica_region[replica])
+            if region != home:
+                state.spill_pair[home * f.n_regions + region] += 1
+                state.spill_total[region] += 1
+    elif action == QUEUE:
+        state.queued[home] += 1
+
+
+def release(state, action: int, replica: int, epoch: int, home: int) -> None:
+    """What complete() gives back: the in-flight count (same epoch only) or the queue slot."""
+    if action in (SERVE, OVERFLOW, DEGRADE):
+        if replica >= 0 and epoch == state.epoch and state.pending[replica] > 0:
+            state.pending[replica] -= 1
+    elif action == QUEUE:
+        if state.queued[home] > 0:
+            state.queued[home] -= 1
