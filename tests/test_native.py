@@ -62,7 +62,32 @@ def test_the_compiled_boundary_takes_the_common_case(native_available):
         fast = native._boundary.fast_decide(request, s_native, native.state)
         assert fast is not None, request
         assert fast == twin.decide(request, s_twin)
-        assert native._boundary.fast_route(request, s_native, native.state) == twin.route(request, s_twin)
+        assert native._boundary.fast_route(request, s_native) == twin.route(request, s_twin)
     # anything unusual goes to the Python boundary, which names the field
     assert native._boundary.fast_decide(geoserve.Request(model="m", origin="us", prefix=(1, 2)), s_native, native.state) is None
     assert native._boundary.fast_decide(geoserve.Request(model="nope", origin="us"), s_native, native.state) is None
+
+
+def test_snapshots_and_states_are_freed_without_the_garbage_collector():
+    # A gateway builds a snapshot every few hundred ms: it must not need a GC pass to go.
+    import gc
+    import weakref
+
+    from builders import snapshot, topology
+
+    for impl in ("python", "native"):
+        router = geoserve.Router(topology(), implementation=impl)
+        gc.disable()
+        try:
+            s = snapshot(router)
+            router.decide(geoserve.Request(model="m", origin="us"), s)  # builds the kernel's view
+            ref = weakref.ref(s)
+            del s
+            assert ref() is None, impl
+            state = geoserve.RouterState.for_fleet(router.fleet)
+            router.decide(geoserve.Request(model="m", origin="us"), snapshot(router), state=state)
+            ref = weakref.ref(state)
+            del state
+            assert ref() is None, impl
+        finally:
+            gc.enable()

@@ -45,3 +45,30 @@ def test_bounded_loads_cap_a_hot_key(impl):
     loads = r.state.pending
     assert loads.sum() == 400
     assert loads.max() <= math.ceil(1.25 * 400 / 8)
+
+
+# ---- the ring-building kernels and their twins
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from geoserve import _compat  # noqa: E402
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=20, unique=True), st.integers(1, 40))
+def test_native_and_twin_ring_points_are_identical(native_available, ids, vnodes):
+    native = _compat.kernels("native", "hashing").ring_points(ids, vnodes)
+    twin = _compat.kernels("python", "hashing").ring_points(ids, vnodes)
+    assert native.tolist() == twin.tolist()
+
+
+@given(st.lists(st.integers(0, 2**64 - 1) | st.sampled_from([0, 5, 2**63]), max_size=200), st.integers(1, 4))
+def test_native_and_twin_ring_sorts_are_identical_even_with_ties(native_available, values, groups):
+    points = np.array(values, dtype=np.uint64)
+    owners = np.arange(len(values), dtype=np.int32)
+    cuts = sorted({0, len(values), *[len(values) * k // groups for k in range(groups)]})
+    starts = np.array(cuts, dtype=np.int32)
+    a = _compat.kernels("native", "hashing").sort_ring(points, owners, starts)
+    b = _compat.kernels("python", "hashing").sort_ring(points, owners, starts)
+    assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+    for lo, hi in zip(cuts, cuts[1:]):
+        assert (np.diff(a[0][lo:hi].astype(object)) >= 0).all()

@@ -5,6 +5,7 @@
 * ``geoserve decide FLEET --signals S.json --request R.json`` - one decision, as
   JSON, from files: a replayable record of (request, snapshot, policy). Without
   ``--signals`` every replica is idle and healthy.
+* ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 import msgspec
 
-from . import __version__, native
+from . import __version__, bench, native
 from .errors import GeoserveError
 from .router import Router
 from .types import Policy, ReplicaSignal, Request, Signals, Topology
@@ -74,6 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--signals", help="Signals as JSON (default: every replica idle)")
     p.add_argument("--policy", help="a Policy as JSON (default: the defaults)")
     p.set_defaults(run=_decide)
+    p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

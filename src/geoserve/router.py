@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import xxhash
@@ -24,7 +24,7 @@ from ._codes import ACTION_NAMES, DEGRADE, OVERFLOW, QUEUE, REASON_NAMES, SERVE
 from .errors import RequestError, UnknownLocation, UnknownPriority
 from .snapshot import Fleet, Snapshot
 from .state import RouterState
-from .types import Decision, Policy, Request, Signals, Topology
+from .types import Decision, Policy, Request, SignalColumns, Signals, Topology
 
 __all__ = ["Router", "MAX_PREFIX_BLOCKS", "MAX_EXCLUDE"]
 
@@ -78,8 +78,8 @@ class Router:
         return self.kernels is _compat.compiled_decide
 
     # ------------------------------------------------------------ snapshots
-    def snapshot(self, signals: Signals) -> Snapshot:
-        """Validate signals into a columnar snapshot with a fresh epoch."""
+    def snapshot(self, signals: Union[Signals, SignalColumns]) -> Snapshot:
+        """Validate signals (structs or columns) into a snapshot with a fresh epoch."""
         with self._epoch_lock:
             self._epoch += 1
             epoch = self._epoch

@@ -21,15 +21,14 @@ owned: consistent hashing, Karger et al. STOC'97).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
-import xxhash
 
-from ._hashing import GOLDEN64, mix64_array
+from ._compat import kernels
 from .config import split_model_ref, validate_topology
 from .errors import ConfigError, SignalError
-from .types import Policy, Signals, Topology
+from .types import Policy, SignalColumns, Signals, Topology
 
 __all__ = ["Fleet", "Snapshot", "STATUS_NAMES"]
 
@@ -71,44 +70,55 @@ class Fleet:
         self.version_index = version_ids
         self.model_versions: dict[int, set[int]] = {i: set() for i in range(len(self.models))}
 
-        # Flatten replicas ordered by (model, region, deployment, replica).
+        # Flatten replicas ordered by (model, region, deployment order, replica order):
+        # sort the deployments, then lay each one's replicas out as a block.
         region_index = {r: i for i, r in enumerate(topology.regions)}
         self.region_index = region_index
-        rows = []
-        for order, d in enumerate(topology.deployments):
-            m, g, v = self.model_index[d.model], region_index[d.region], version_ids[d.version]
+        keyed = sorted(
+            ((self.model_index[d.model], region_index[d.region], order), d) for order, d in enumerate(topology.deployments)
+        )
+        self.replica_ids, self.endpoints = [], []
+        model_col, region_col, version_col, slots_col, kv_col, block_col = [], [], [], [], [], []
+        for (m, g, _), d in keyed:
+            v = version_ids[d.version]
             self.model_versions[m].add(v)
-            for k, rep in enumerate(d.replicas):
-                rows.append((m, g, order, k, v, d, rep))
-        rows.sort(key=lambda row: row[:4])
-        n = len(rows)
-        self.n_replicas = n
-        self.replica_ids = [row[6].id for row in rows]
-        self.endpoints = [row[6].endpoint for row in rows]
+            k = len(d.replicas)
+            self.replica_ids.extend(rep.id for rep in d.replicas)
+            self.endpoints.extend(rep.endpoint for rep in d.replicas)
+            model_col.append(np.full(k, m, np.int32))
+            region_col.append(np.full(k, g, np.int32))
+            version_col.append(np.full(k, v, np.int32))
+            slots_col.append(np.array([d.decode_slots if r.decode_slots is None else r.decode_slots for r in d.replicas], np.int32))
+            kv_col.append(np.array([d.kv_blocks if r.kv_blocks is None else r.kv_blocks for r in d.replicas], np.int32))
+            block_col.append(np.full(k, d.kv_block_tokens, np.int32))
+        self.n_replicas = len(self.replica_ids)
         self.replica_index = {rid: i for i, rid in enumerate(self.replica_ids)}
-        self.replica_model = np.array([row[0] for row in rows], dtype=np.int32)
-        self.replica_region = np.array([row[1] for row in rows], dtype=np.int32)
-        self.replica_version = np.array([row[4] for row in rows], dtype=np.int32)
-        self.decode_slots = np.array(
-            [row[6].decode_slots if row[6].decode_slots is not None else row[5].decode_slots for row in rows],
-            dtype=np.int32,
-        )
-        self.kv_blocks = np.array(
-            [row[6].kv_blocks if row[6].kv_blocks is not None else row[5].kv_blocks for row in rows], dtype=np.int32
-        )
-        self.kv_block_tokens = np.array([row[5].kv_block_tokens for row in rows], dtype=np.int32)
+        self.replica_model = np.concatenate(model_col)
+        self.replica_region = np.concatenate(region_col)
+        self.replica_version = np.concatenate(version_col)
+        self.decode_slots = np.concatenate(slots_col)
+        self.kv_blocks = np.concatenate(kv_col)
+        self.kv_block_tokens = np.concatenate(block_col)
 
+        # Latency profile columns: per model, then gathered per replica.
         profiles = [topology.profile(m) for m in self.models]
-        self.model_prefill_base_ms = np.array([p.prefill_base_ms for p in profiles], dtype=np.float64)
-        self.model_prefill_ms_per_token = np.array([p.prefill_ms_per_token for p in profiles], dtype=np.float64)
-        prof_of = [profiles[row[0]] for row in rows]
-        self.prefill_base_ms = np.array([p.prefill_base_ms for p in prof_of], dtype=np.float64)
-        self.default_prefill_ms_per_token = np.array([p.prefill_ms_per_token for p in prof_of], dtype=np.float64)
-        self.default_tpot_base_ms = np.array([p.tpot_base_ms for p in prof_of], dtype=np.float64)
-        self.default_tpot_ms_per_batch = np.array([p.tpot_ms_per_batch for p in prof_of], dtype=np.float64)
-        self.default_service_ms = np.array(
-            [p.service_ms(int(s)) for p, s in zip(prof_of, self.decode_slots)], dtype=np.float64
-        )
+
+        def per_model(field: str) -> np.ndarray:
+            return np.array([getattr(p, field) for p in profiles], dtype=np.float64)
+
+        self.model_prefill_base_ms = per_model("prefill_base_ms")
+        self.model_prefill_ms_per_token = per_model("prefill_ms_per_token")
+        of = self.replica_model
+        self.prefill_base_ms = self.model_prefill_base_ms[of]
+        self.default_prefill_ms_per_token = self.model_prefill_ms_per_token[of]
+        self.default_tpot_base_ms = per_model("tpot_base_ms")[of]
+        self.default_tpot_ms_per_batch = per_model("tpot_ms_per_batch")[of]
+        # ModelProfile.service_ms, vectorized (same operations, same order)
+        derived = (
+            self.prefill_base_ms + self.default_prefill_ms_per_token * 1155
+        ) + 211 * (self.default_tpot_base_ms + self.default_tpot_ms_per_batch * np.maximum(1, self.decode_slots // 2))
+        given = np.array([math.nan if p.mean_service_ms is None else p.mean_service_ms for p in profiles])[of]
+        self.default_service_ms = np.where(np.isnan(given), derived, given)
 
         n_models = len(self.models)
         n_groups = n_models * self.n_regions
@@ -135,19 +145,16 @@ class Fleet:
         self.class_cross_budget_ms = np.array([c.cross_budget_ms for c in classes.values()], dtype=np.float64)
         self.class_slot_ceiling = np.array([c.slot_ceiling for c in classes.values()], dtype=np.float64)
 
-        self._build_rings(group_of, n_groups)
+        self._build_rings()
 
-    def _build_rings(self, group_of: np.ndarray, n_groups: int) -> None:
+    def _build_rings(self) -> None:
+        hashing = kernels(which="hashing")
         vnodes = self.policy.ring_vnodes
-        base = np.array([xxhash.xxh3_64_intdigest(rid.encode()) for rid in self.replica_ids], dtype=np.uint64)
-        steps = np.arange(vnodes, dtype=np.uint64) * np.uint64(GOLDEN64)
-        points = mix64_array((base[:, None] + steps[None, :]).ravel()) if self.n_replicas else np.zeros(0, np.uint64)
+        points = hashing.ring_points(self.replica_ids, vnodes)
         owners = np.repeat(np.arange(self.n_replicas, dtype=np.int32), vnodes)
-        groups = np.repeat(group_of, vnodes)
-        order = np.lexsort((owners, points, groups))  # by group, then point, then owner
-        self.ring_points = np.ascontiguousarray(points[order])
-        self.ring_owner = np.ascontiguousarray(owners[order])
+        # Replicas are grouped already, so each group's points are one slice.
         self.ring_start = np.ascontiguousarray(self.group_start * vnodes).astype(np.int32)
+        self.ring_points, self.ring_owner = hashing.sort_ring(points, owners, self.ring_start)
 
     # Lookups used at the boundary (never inside a kernel).
     def resolve_model(self, name: str) -> tuple[int, int]:
@@ -211,24 +218,88 @@ def _duration(value: object, field: str, *, positive: bool = False) -> float:
     return v
 
 
-class Snapshot:
-    """Validated signals as columns over a :class:`Fleet`. Immutable; build a new one per update."""
+def _now(value: object) -> float:
+    try:
+        now = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        now = math.nan
+    if not math.isfinite(now):
+        raise SignalError("now_ms", f"must be a finite number, got {value!r}")
+    return now
 
-    def __init__(self, fleet: Fleet, signals: Signals, epoch: int) -> None:
+
+# ---- columnar input, validated vectorized: errors name the column and replica index
+def _column(values: object, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise SignalError(name, f"must have one value per replica of the fleet ({n}), got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise SignalError(name, f"must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
+def _first_bad(bad: np.ndarray, arr: np.ndarray, name: str, need: str) -> None:
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise SignalError(f"{name}[{i}]", f"{need}, got {arr[i]!r}")
+
+
+def _count_column(values: object, n: int, name: str) -> np.ndarray:
+    arr = _column(values, n, name)
+    if arr.dtype.kind == "b":
+        raise SignalError(name, "must hold integer counts, not booleans")
+    if arr.dtype.kind == "f":
+        _first_bad(~np.isfinite(arr) | (arr != np.floor(arr)), arr, name, "must be a whole number")
+    _first_bad((arr < 0) | (arr > 2**31 - 1), arr, name, "must be an integer >= 0")
+    return arr.astype(np.int32)
+
+
+def _override_column(values: object, n: int, name: str, default: np.ndarray, *, positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A float column where NaN means 'keep the profile's value'; -> (values, given mask)."""
+    if values is None:
+        return default, np.zeros(n, dtype=bool)
+    arr = _column(values, n, name).astype(np.float64)
+    given = ~np.isnan(arr)
+    bad = given & (~np.isfinite(arr) | (arr < 0) | ((arr == 0) if positive else False))
+    _first_bad(bad, arr, name, f"must be NaN (profile) or a finite number {'> 0' if positive else '>= 0'}")
+    return np.where(given, arr, default), given
+
+
+def _flag_column(values: object, n: int, name: str, default: bool) -> np.ndarray:
+    if values is None:
+        return np.full(n, default, dtype=bool)
+    arr = _column(values, n, name)
+    if arr.dtype.kind != "b":
+        raise SignalError(name, f"must be booleans, got dtype {arr.dtype}")
+    return arr
+
+
+class Snapshot:
+    """Validated signals as columns over a :class:`Fleet`. Immutable; build a new one per update.
+
+    Two inputs, one derivation: :class:`Signals` (a struct per replica, validated in a
+    loop so errors name ``replicas[i].field``) and :class:`SignalColumns` (one array
+    per field in fleet order, validated vectorized so errors name ``field[r]``).
+    """
+
+    def __init__(self, fleet: Fleet, signals: Union[Signals, SignalColumns], epoch: int) -> None:
         self.fleet = fleet
         self.epoch = epoch
-        now = signals.now_ms
-        try:
-            now_ok = math.isfinite(float(now))
-        except (TypeError, ValueError):
-            now_ok = False
-        if not now_ok:
-            raise SignalError("now_ms", f"must be a finite number, got {now!r}")
-        self.now_ms = float(now)
-        n, n_regions = fleet.n_replicas, fleet.n_regions
-        max_age = fleet.policy.signal_max_age_ms
+        self.now_ms = _now(signals.now_ms)
+        if isinstance(signals, SignalColumns):
+            columns = self._from_columns(signals)
+        else:
+            columns = self._from_structs(signals)
+        self._derive(*columns)
+        self._regions(signals.regions_down, signals.spill)
+        self._native: object = None  # the kernel's pointer view, built on first use
 
-        status = np.full(n, NO_SIGNAL, dtype=np.uint8)
+    def _from_structs(self, signals: Signals) -> tuple:
+        fleet = self.fleet
+        n = fleet.n_replicas
+        observed = np.full(n, math.nan)
+        healthy = np.ones(n, dtype=bool)
+        draining = np.zeros(n, dtype=bool)
         in_flight = np.zeros(n, dtype=np.int32)
         queue_depth = np.zeros(n, dtype=np.int32)
         kv_free = fleet.kv_blocks.copy()
@@ -236,21 +307,20 @@ class Snapshot:
         tpot_base = fleet.default_tpot_base_ms.copy()
         tpot_per_batch = fleet.default_tpot_ms_per_batch.copy()
         service = fleet.default_service_ms.copy()
-        seen = np.zeros(n, dtype=bool)
         for i, s in enumerate(signals.replicas):
             where = f"replicas[{i}]"
             r = fleet.replica_index.get(s.replica)
             if r is None:
                 raise SignalError(f"{where}.replica", f"unknown replica {s.replica!r}")
-            if seen[r]:
+            if not math.isnan(observed[r]):
                 raise SignalError(f"{where}.replica", f"duplicate signal for replica {s.replica!r}")
-            seen[r] = True
             try:
-                observed = float(s.observed_ms)
+                seen_at = float(s.observed_ms)
             except (TypeError, ValueError):
-                observed = math.nan
-            if not math.isfinite(observed):
+                seen_at = math.nan
+            if not math.isfinite(seen_at):
                 raise SignalError(f"{where}.observed_ms", f"must be a finite number, got {s.observed_ms!r}")
+            observed[r] = seen_at
             in_flight[r] = _count(s.in_flight, f"{where}.in_flight")
             queue_depth[r] = _count(s.queue_depth, f"{where}.queue_depth")
             if s.kv_free_blocks is not None:
@@ -263,28 +333,66 @@ class Snapshot:
                 tpot_per_batch[r] = 0.0
             if s.mean_service_ms is not None:
                 service[r] = _duration(s.mean_service_ms, f"{where}.mean_service_ms", positive=True)
-            if not s.healthy:
-                status[r] = UNHEALTHY
-            elif s.draining:
-                status[r] = DRAINING
-            elif now - observed > max_age:
-                status[r] = STALE
-            else:
-                status[r] = OK
+            healthy[r] = bool(s.healthy)
+            draining[r] = bool(s.draining)
+        return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
 
+    def _from_columns(self, c: SignalColumns) -> tuple:
+        fleet = self.fleet
+        n = fleet.n_replicas
+        observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64)
+        _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
+        in_flight = _count_column(c.in_flight, n, "in_flight")
+        queue_depth = _count_column(c.queue_depth, n, "queue_depth")
+        kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")
+        prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
+        tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
+        tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
+        service, _ = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
+        healthy = _flag_column(c.healthy, n, "healthy", True)
+        draining = _flag_column(c.draining, n, "draining", False)
+        missing = np.isnan(observed)
+        if missing.any():  # no signal, nothing known: as if the struct were absent
+            in_flight, queue_depth = np.where(missing, 0, in_flight).astype(np.int32), np.where(missing, 0, queue_depth).astype(np.int32)
+            kv_free = np.where(missing, fleet.kv_blocks, kv_free).astype(np.int32)
+            prefill_per_token = np.where(missing, fleet.default_prefill_ms_per_token, prefill_per_token)
+            tpot_base = np.where(missing, fleet.default_tpot_base_ms, tpot_base)
+            tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
+            service = np.where(missing, fleet.default_service_ms, service)
+            healthy, draining = healthy | missing, draining & ~missing
+        return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
+
+    def _derive(self, observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service) -> None:
+        status = np.full(len(observed), OK, dtype=np.uint8)
+        status[self.now_ms - observed > self.fleet.policy.signal_max_age_ms] = STALE
+        status[draining] = DRAINING
+        status[~healthy] = UNHEALTHY
+        status[np.isnan(observed)] = NO_SIGNAL
+        self.status = status
+        self.in_flight = in_flight
+        self.queue_depth = queue_depth
+        self.kv_free_blocks = kv_free
+        self.prefill_ms_per_token = np.ascontiguousarray(prefill_per_token, dtype=np.float64)
+        self.tpot_base_ms = np.ascontiguousarray(tpot_base, dtype=np.float64)
+        self.tpot_ms_per_batch = np.ascontiguousarray(tpot_per_batch, dtype=np.float64)
+        self.service_ms = np.ascontiguousarray(service, dtype=np.float64)
+        # ms between two departures from a full replica: turns queue depth into wait
+        self.slot_ms = self.service_ms / self.fleet.decode_slots
+
+    def _regions(self, regions_down, spill) -> None:
+        fleet = self.fleet
+        n_regions = fleet.n_regions
         region_up = np.ones(n_regions, dtype=np.uint8)
-        region_of = {name: i for i, name in enumerate(fleet.topology.regions)}
-        for i, name in enumerate(signals.regions_down):
-            g = region_of.get(name)
+        for i, name in enumerate(regions_down):
+            g = fleet.region_index.get(name)
             if g is None:
                 raise SignalError(f"regions_down[{i}]", f"unknown region {name!r}")
             region_up[g] = 0
-
         spill_pair = np.full(n_regions * n_regions, math.inf, dtype=np.float64)
         spill_total = np.full(n_regions, math.inf, dtype=np.float64)
-        for i, a in enumerate(signals.spill):
+        for i, a in enumerate(spill):
             where = f"spill[{i}]"
-            g = region_of.get(a.rescuer)
+            g = fleet.region_index.get(a.rescuer)
             if g is None:
                 raise SignalError(f"{where}.rescuer", f"unknown region {a.rescuer!r}")
             try:
@@ -296,25 +404,13 @@ class Snapshot:
             if a.origin is None:
                 spill_total[g] = tokens
             else:
-                o = region_of.get(a.origin)
+                o = fleet.region_index.get(a.origin)
                 if o is None:
                     raise SignalError(f"{where}.origin", f"unknown region {a.origin!r}")
                 spill_pair[o * n_regions + g] = tokens
-
-        self.status = status
-        self.in_flight = in_flight
-        self.queue_depth = queue_depth
-        self.kv_free_blocks = kv_free
-        self.prefill_ms_per_token = prefill_per_token
-        self.tpot_base_ms = tpot_base
-        self.tpot_ms_per_batch = tpot_per_batch
-        self.service_ms = service
-        # ms between two departures from a full replica: turns queue depth into wait
-        self.slot_ms = service / fleet.decode_slots
         self.region_up = region_up
         self.spill_pair = spill_pair
         self.spill_total = spill_total
-        self._native: object = None  # the kernel's pointer view, built on first use
 
     def replica_status(self, replica: str) -> str:
         """``ok``, ``unhealthy``, ``draining``, ``stale`` or ``no_signal``."""

@@ -23,6 +23,7 @@ __all__ = [
     "ReplicaSignal",
     "SpillAllowance",
     "Signals",
+    "SignalColumns",
     "Request",
     "Decision",
     "DEFAULT_PRIORITIES",
@@ -197,6 +198,29 @@ class Signals(_Strict):
 
     now_ms: float
     replicas: tuple[ReplicaSignal, ...] = ()
+    regions_down: tuple[str, ...] = ()
+    spill: tuple[SpillAllowance, ...] = ()
+
+
+class SignalColumns(msgspec.Struct, frozen=True):
+    """One update as columns, one value per replica in ``router.fleet.replica_ids`` order.
+
+    The fast way to feed a large fleet (a poller that keeps arrays). ``observed_ms``
+    NaN means no signal for that replica; NaN in an override column keeps the
+    profile's value; ``None`` columns take their defaults (healthy, not draining,
+    the deployment's KV blocks, the profile).
+    """
+
+    now_ms: float
+    observed_ms: Any
+    in_flight: Any
+    queue_depth: Any
+    healthy: Any = None
+    draining: Any = None
+    kv_free_blocks: Any = None
+    prefill_ms_per_token: Any = None
+    tpot_ms: Any = None
+    mean_service_ms: Any = None
     regions_down: tuple[str, ...] = ()
     spill: tuple[SpillAllowance, ...] = ()
 

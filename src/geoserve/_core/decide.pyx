@@ -11,7 +11,9 @@ acquiring a dozen memoryviews per call would cost more than the scan.
 cimport numpy as cnp
 from libc.math cimport ceil, floor, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
+
+from .common cimport XXH3_64bits, mix64
 
 cnp.import_array()
 
@@ -97,7 +99,6 @@ cdef struct Row:
 cdef struct SnapC:
     int64_t epoch
     Row* rows
-    int32_t* zeros  # n_replicas zeros, read-only: the match row of a request without prefix
     const uint8_t* status
     const uint8_t* region_up
     const int32_t* in_flight
@@ -175,17 +176,23 @@ cdef struct ModelC:
     int first
     int last
     bint live
-    int32_t* matched  # leading prefix blocks per replica of [first, last)
-    bint owns_matched
+    # Replicas with leading prefix blocks in the index, and how many: only owners of
+    # block 0 can have any, so there are at most WAYS (a twin's dict, as an array).
+    int n_match
+    int32_t match_replica[WAYS]
+    int32_t match_blocks[WAYS]
 
 
 cdef uint64_t _EMPTY = 0
 
 
-cdef void* _ptr(object arr, object dtype, str name) except NULL:
-    if not isinstance(arr, cnp.ndarray) or arr.dtype != dtype or not arr.flags.c_contiguous:
-        raise TypeError(f"{name} must be a C-contiguous {dtype} array")
-    if arr.size == 0:
+cdef void* _ptr(object arr, int typenum, str name) except NULL:
+    # typenum -1: the structured prefix table (checked by itemsize and by the caller).
+    if type(arr) is not cnp.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr):
+        raise TypeError(f"{name} must be a C-contiguous array")
+    if typenum >= 0 and cnp.PyArray_TYPE(<cnp.ndarray>arr) != typenum:
+        raise TypeError(f"{name} has the wrong dtype")
+    if cnp.PyArray_SIZE(<cnp.ndarray>arr) == 0:
         # A valid, never-dereferenced address for empty tables.
         return <void*>&_EMPTY
     return cnp.PyArray_DATA(<cnp.ndarray>arr)
@@ -194,18 +201,23 @@ cdef void* _ptr(object arr, object dtype, str name) except NULL:
 
 
 cdef class SnapshotView:
-    """Raw pointers into a Snapshot and its Fleet; keeps both alive."""
+    """Raw pointers into a Snapshot and its Fleet. It keeps the arrays alive, not the
+    snapshot (which holds the view): no reference cycle, so a snapshot is freed as
+    soon as the last caller drops it."""
     cdef FleetC f
     cdef SnapC s
-    cdef object snapshot
+    cdef object fleet
+    cdef tuple arrays
 
     def __cinit__(self, snapshot):
-        import numpy as np
         fleet = snapshot.fleet
         if fleet.n_regions > MAX_REGIONS:
             raise ValueError(f"the compiled kernel handles at most {MAX_REGIONS} regions")
-        self.snapshot = snapshot
-        f64, i32, u8, u64 = np.float64, np.int32, np.uint8, np.uint64
+        self.fleet = fleet
+        self.arrays = (snapshot.status, snapshot.region_up, snapshot.in_flight, snapshot.queue_depth,
+                       snapshot.prefill_ms_per_token, snapshot.tpot_base_ms, snapshot.tpot_ms_per_batch,
+                       snapshot.slot_ms, snapshot.spill_pair, snapshot.spill_total)
+        cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8, u64 = cnp.NPY_UINT64
         self.f.n_regions = fleet.n_regions
         self.f.n_locations = len(fleet.locations)
         self.f.rtt_ms = <double*>_ptr(fleet.rtt_ms, f64, "rtt_ms")
@@ -250,8 +262,7 @@ cdef class SnapshotView:
         cdef Py_ssize_t r
         cdef Row* row
         self.s.rows = <Row*>malloc((n + 1) * sizeof(Row))
-        self.s.zeros = <int32_t*>calloc(n + 1, sizeof(int32_t))
-        if self.s.rows == NULL or self.s.zeros == NULL:
+        if self.s.rows == NULL:
             raise MemoryError()
         for r in range(n):
             row = &self.s.rows[r]
@@ -270,18 +281,16 @@ cdef class SnapshotView:
 
     def __dealloc__(self):
         free(self.s.rows)
-        free(self.s.zeros)
 
 
 cdef class StateView:
-    """Raw pointers into a RouterState's arrays; keeps the state alive."""
+    """Raw pointers into a RouterState's arrays; keeps the arrays (not the state) alive."""
     cdef StateC st
-    cdef object state
+    cdef tuple arrays
 
     def __cinit__(self, state):
-        import numpy as np
-        self.state = state
-        i32, u64 = np.int32, np.uint64
+        self.arrays = (state.pending, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
+        cdef int i32 = cnp.NPY_INT32, u64 = cnp.NPY_UINT64
         self.st.pending = <int32_t*>_ptr(state.pending, i32, "pending")
         self.st.spill_pair = <int32_t*>_ptr(state.spill_pair, i32, "spill_pair")
         self.st.spill_total = <int32_t*>_ptr(state.spill_total, i32, "spill_total")
@@ -289,7 +298,9 @@ cdef class StateView:
         from geoserve.state import PREFIX_ENTRY
         if sizeof(PrefixEntry) != 64 or PREFIX_ENTRY.itemsize != 64:
             raise TypeError("prefix table layout mismatch")
-        self.st.prefix = <PrefixEntry*>_ptr(state.prefix, PREFIX_ENTRY, "prefix")
+        if state.prefix.dtype != PREFIX_ENTRY:
+            raise TypeError("prefix must be a PREFIX_ENTRY table")
+        self.st.prefix = <PrefixEntry*>_ptr(state.prefix, -1, "prefix")
         self.st.clock = <uint64_t*>_ptr(state.clock, u64, "clock")
         self.st.mask = <uint64_t>(len(state.prefix) - 1)
 
@@ -308,14 +319,6 @@ cdef inline StateView _state_view(object state):
         view = StateView(state)
         state._native = view
     return <StateView>view
-
-
-# ------------------------------------------------------------------ hashing
-cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
-    cdef uint64_t z = x + <uint64_t>0x9E3779B97F4A7C15ULL
-    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 # ------------------------------------------------------------- prefix index
@@ -398,13 +401,17 @@ cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32
             _add_owner(e, replica, stamp)
 
 
-cdef void _prefix_match(const StateC* st, const ReqC* req, int first, int last, int32_t* matched) noexcept nogil:
+cdef void _prefix_match(ModelC* m) noexcept nogil:
+    # Leading blocks of the request's prefix each replica of [first, last) was sent.
+    cdef const StateC* st = m.st
+    cdef const ReqC* req = m.req
     cdef Py_ssize_t i
     cdef int64_t slot
-    cdef int w
+    cdef int w, j
     cdef int32_t r
     cdef bint advanced
     cdef const PrefixEntry* e
+    m.n_match = 0
     for i in range(req.n_prefix):
         slot = _prefix_find(st, req.prefix[i])
         if slot < 0:
@@ -413,11 +420,28 @@ cdef void _prefix_match(const StateC* st, const ReqC* req, int first, int last, 
         advanced = False
         for w in range(WAYS):
             r = e.owner[w]
-            if r >= first and r < last and matched[r - first] == i:
-                matched[r - first] = <int32_t>(i + 1)
+            if r < m.first or r >= m.last:
+                continue
+            if i == 0:  # an entry's owners are distinct: at most WAYS of them
+                m.match_replica[m.n_match] = r
+                m.match_blocks[m.n_match] = 1
+                m.n_match += 1
                 advanced = True
+            else:
+                for j in range(m.n_match):
+                    if m.match_replica[j] == r and m.match_blocks[j] == i:
+                        m.match_blocks[j] = <int32_t>(i + 1)
+                        advanced = True
         if not advanced:
             break
+
+
+cdef inline int64_t _matched(const ModelC* m, int r) noexcept nogil:
+    cdef int j
+    for j in range(m.n_match):
+        if m.match_replica[j] == r:
+            return m.match_blocks[j]
+    return 0
 
 
 # ------------------------------------------------------------ the decision
@@ -455,7 +479,7 @@ cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noex
         batch = slots
     out.network = m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
     out.queue = <double>(row.queue_depth + extra) * row.slot_ms
-    cached = <int64_t>m.matched[r - m.first] * req.block_tokens
+    cached = _matched(m, r) * req.block_tokens
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
     out.cached = cached
@@ -471,7 +495,7 @@ cdef inline double _ttft(const ModelC* m, int r, int64_t load) noexcept nogil:
     cdef int64_t slots = row.decode_slots
     cdef int64_t extra = load + 1 - slots
     cdef int64_t batch = load + 1
-    cdef int64_t cached = <int64_t>m.matched[r - m.first] * req.block_tokens
+    cdef int64_t cached = _matched(m, r) * req.block_tokens
     if extra < 0:
         extra = 0
     if batch > slots:
@@ -524,8 +548,8 @@ cdef void _budgets(const ModelC* m, double* b_local, double* b_cross) noexcept n
     b_cross[0] = (cross if cross >= stretched_cross else stretched_cross) - req.waited_ms
 
 
-cdef int _model_open(ModelC* m, const FleetC* f, const SnapC* s, const StateC* st, const ReqC* req,
-                     int64_t state_epoch, int model, int version) noexcept nogil:
+cdef void _model_open(ModelC* m, const FleetC* f, const SnapC* s, const StateC* st, const ReqC* req,
+                      int64_t state_epoch, int model, int version) noexcept nogil:
     m.f = f
     m.s = s
     m.st = st
@@ -535,23 +559,7 @@ cdef int _model_open(ModelC* m, const FleetC* f, const SnapC* s, const StateC* s
     m.first = f.model_start[model]
     m.last = f.model_start[model + 1]
     m.live = state_epoch == s.epoch
-    if req.n_prefix == 0:
-        # nothing can match: read the view's shared row of zeros, allocate nothing
-        m.matched = s.zeros + m.first
-        m.owns_matched = False
-        return 0
-    m.matched = <int32_t*>calloc(<size_t>(m.last - m.first + 1), sizeof(int32_t))
-    if m.matched == NULL:
-        return -1
-    m.owns_matched = True
-    _prefix_match(st, req, m.first, m.last, m.matched)
-    return 0
-
-
-cdef inline void _model_close(ModelC* m) noexcept nogil:
-    if m.owns_matched:
-        free(m.matched)
-        m.owns_matched = False
+    _prefix_match(m)
 
 
 cdef inline void _no_target(PickC* pick) noexcept nogil:
@@ -655,7 +663,6 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
     # pointers, so the compiler could not otherwise keep them in registers.
     cdef const Row* rows = m.s.rows
     cdef const int32_t* pending = m.st.pending
-    cdef const int32_t* matched = m.matched
     cdef const int32_t* exclude = m.req.exclude
     cdef Py_ssize_t n_exclude = m.req.n_exclude
     cdef bint live = m.live
@@ -709,7 +716,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
         batch = load + 1
         if batch > slots:
             batch = slots
-        cached = <int64_t>matched[r - first] * block_tokens
+        cached = _matched(m, r) * block_tokens
         if cached > prompt:
             cached = prompt
         # the same expression, in the same order, as _predict and the twin's predict
@@ -841,26 +848,23 @@ cdef inline int64_t _retry(const FleetC* f, double wait_ms) noexcept nogil:
     return ms if ms > f.min_retry_after_ms else f.min_retry_after_ms
 
 
-cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t state_epoch, const ReqC* req,
-                 int model, int version, PickC* out, int* out_model, int64_t* retry) noexcept nogil:
-    """Fill ``out``; returns -1 when out of memory, 0 otherwise."""
+cdef void _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t state_epoch, const ReqC* req,
+                  int model, int version, PickC* out, int* out_model, int64_t* retry) noexcept nogil:
+    """Fill ``out`` (the twin's decide). Allocates nothing."""
     cdef ModelC main
     cdef ModelC small
     cdef PickC alt
     cdef double b_local, b_cross, fb_local, fb_cross, wait
     cdef bint queue_full = False
-    cdef bint any_candidate
     cdef bint small_open = False
     cdef int r, fallback
     out_model[0] = model
     retry[0] = -1
-    if _model_open(&main, f, s, st, req, state_epoch, model, version) < 0:
-        return -1
+    _model_open(&main, f, s, st, req, state_epoch, model, version)
     _budgets(&main, &b_local, &b_cross)
     _choose(&main, b_local, b_cross, out)
     if out.replica >= 0:
-        _model_close(&main)
-        return 0
+        return
 
     # Queue: a home replica will admit this class soon enough for the budget.
     r = out.wait_replica
@@ -882,35 +886,26 @@ cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t stat
                 out.budget = b_cross
                 out.n_fallbacks = 0
                 retry[0] = _retry(f, out.wait_ms)
-                _model_close(&main)
-                return 0
+                return
             queue_full = True
 
     # Degrade: the fallback model, any version, when it can serve now.
     fallback = f.fallback_model[model]
     if fallback >= 0:
-        if _model_open(&small, f, s, st, req, state_epoch, fallback, -1) < 0:
-            _model_close(&main)
-            return -1
+        _model_open(&small, f, s, st, req, state_epoch, fallback, -1)
         small_open = True
         _budgets(&small, &fb_local, &fb_cross)
         _choose(&small, fb_local, fb_cross, &alt)
         if alt.replica >= 0:
-            _model_close(&main)
-            _model_close(&small)
             out[0] = alt
             out.action = DEGRADE
             out.reason = R_FALLBACK_MODEL
             out_model[0] = fallback
-            return 0
+            return
 
-    any_candidate = _has_candidate(&main) or (small_open and _has_candidate(&small))
-    _model_close(&main)
-    if small_open:
-        _model_close(&small)
     wait = out.wait_ms if out.wait_replica >= 0 else <double>f.default_retry_after_ms
     out.action = SHED
-    if not any_candidate:
+    if not (_has_candidate(&main) or (small_open and _has_candidate(&small))):
         out.reason = R_NO_REPLICA
     elif queue_full:
         out.reason = R_QUEUE_FULL
@@ -919,7 +914,6 @@ cdef int _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t stat
     _no_target(out)
     out.budget = b_cross
     retry[0] = _retry(f, wait)
-    return 0
 
 
 # ------------------------------------------------------------ Python face
@@ -933,7 +927,6 @@ def decide(snapshot, state, int model, int version, int origin, int priority, in
     cdef PickC out
     cdef int out_model
     cdef int64_t retry
-    cdef int rc
     cdef int64_t state_epoch = state.epoch
     if cnp.PyArray_TYPE(prefix) != cnp.NPY_UINT64 or not cnp.PyArray_IS_C_CONTIGUOUS(prefix) or cnp.PyArray_NDIM(prefix) != 1:
         raise TypeError("prefix must be a 1-D C-contiguous uint64 array")
@@ -959,9 +952,7 @@ def decide(snapshot, state, int model, int version, int origin, int priority, in
     req.cross_budget = sv.f.class_cross_budget_ms[priority]
     req.ceiling = sv.f.class_slot_ceiling[priority]
     with nogil:
-        rc = _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
-    if rc < 0:
-        raise MemoryError()
+        _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
     fallbacks = tuple([out.fallbacks[i] for i in range(out.n_fallbacks)])
     return (out.action, out.reason, out_model, out.replica, fallbacks, out.network, out.queue,
             out.prefill, out.decode, out.ttft, out.budget, out.cached, retry)
@@ -1027,13 +1018,6 @@ def release(state, int action, int replica, int64_t epoch, int home):
 
 
 # ------------------------------------------------------------ the boundary, compiled
-cdef extern from *:
-    """
-    #define XXH_INLINE_ALL
-    #include "xxhash.h"
-    """
-    uint64_t XXH3_64bits(const void* data, size_t length) nogil
-
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
@@ -1090,7 +1074,7 @@ cdef class Boundary:
     cdef int n_regions
     cdef dict action_codes
     cdef dict region_index
-    cdef object last_state
+    cdef object state  # the router's own state (the boundary is rebuilt when it changes)
     cdef object acquire
     cdef object release_lock
 
@@ -1124,16 +1108,15 @@ cdef class Boundary:
         self.ring_key_tokens = fleet.policy.ring_key_tokens
         self.n_replicas = fleet.n_replicas
         self.n_regions = fleet.n_regions
+        self.state = router.state
+        self.acquire = router.state.lock.acquire
+        self.release_lock = router.state.lock.release
 
     cdef int _state(self, state) except -1:
-        # A state of this fleet's shape; its lock's bound methods cached.
-        if state is not self.last_state:
-            if state.n_replicas != self.n_replicas or state.n_regions != self.n_regions:
-                return 0
-            self.last_state = state
-            self.acquire = state.lock.acquire
-            self.release_lock = state.lock.release
-        return 1
+        # The router's state, or one of this fleet's shape passed to decide().
+        if state is self.state:
+            return 1
+        return state.n_replicas == self.n_replicas and state.n_regions == self.n_regions
 
     cdef int _resolve(self, request, snapshot, ReqC* req, int* model, int* version, int32_t* exclude) except -1:
         """Fill ``req``; 0 when the Python boundary must take over."""
@@ -1270,7 +1253,7 @@ cdef class Boundary:
         """The decision, or None to take the Python boundary."""
         cdef ReqC req
         cdef PickC out
-        cdef int model, version, out_model, rc
+        cdef int model, version, out_model
         cdef int64_t retry
         cdef int32_t exclude[MAX_EXCLUDE]
         if not self._state(state) or not self._resolve(request, snapshot, &req, &model, &version, exclude):
@@ -1283,19 +1266,18 @@ cdef class Boundary:
         req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
         req.ceiling = sv.f.class_slot_ceiling[req.priority]
         with nogil:
-            rc = _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
-        if rc < 0:
-            raise MemoryError()
+            _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
 
-    def fast_route(self, request, snapshot, state):
+    def fast_route(self, request, snapshot):
         """Decide and record under the state's lock, or None to take the Python boundary."""
         cdef ReqC req
         cdef PickC out
-        cdef int model, version, out_model, rc
+        cdef int model, version, out_model
         cdef int64_t retry, state_epoch
         cdef int32_t exclude[MAX_EXCLUDE]
-        if not self._state(state) or not self._resolve(request, snapshot, &req, &model, &version, exclude):
+        cdef object state = self.state
+        if not self._resolve(request, snapshot, &req, &model, &version, exclude):
             return None
         cdef SnapshotView sv = _snapshot_view(snapshot)
         cdef StateView tv = _state_view(state)
@@ -1309,24 +1291,20 @@ cdef class Boundary:
                 state.roll(sv.s.epoch)
             state_epoch = state.epoch
             with nogil:
-                rc = _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
-                if rc == 0:
-                    _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix)
+                _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
+                _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix)
         finally:
             self.release_lock()
-        if rc < 0:
-            raise MemoryError()
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
 
-    def fast_complete(self, decision, replica, ok, state):
+    def fast_complete(self, decision, replica, ok):
         """Release what route() recorded; False to take the Python boundary (a
         different serving replica, whose prefix must be recorded, or an odd decision)."""
         cdef object code, region
         cdef int action, home = -1
         cdef int r
         cdef int64_t epoch
-        if not self._state(state):
-            return False
+        cdef object state = self.state
         if replica is not None and replica != decision.replica and ok:
             return False
         code = self.action_codes.get(decision.action)
@@ -1361,9 +1339,9 @@ cdef class Boundary:
         return decision if decision is not None else self.router._decide_python(request, snapshot, state)
 
     def route(self, request, snapshot):
-        decision = self.fast_route(request, snapshot, self.router.state)
+        decision = self.fast_route(request, snapshot)
         return decision if decision is not None else self.router._route_python(request, snapshot)
 
     def complete(self, decision, replica=None, ok=True):
-        if not self.fast_complete(decision, replica, ok, self.router.state):
+        if not self.fast_complete(decision, replica, ok):
             self.router._complete_python(decision, replica, ok)

@@ -18,12 +18,7 @@ import numpy as np
 
 cnp.import_array()
 
-cdef extern from *:
-    """
-    #define XXH_INLINE_ALL
-    #include "xxhash.h"
-    """
-    uint64_t XXH3_64bits_withSeed(const void* data, size_t length, uint64_t seed) nogil
+from .common cimport XXH3_64bits, XXH3_64bits_withSeed, mix64
 
 cdef bint LITTLE = sys.byteorder == "little"
 
@@ -168,3 +163,80 @@ def bare_xxh3_blocks(const uint32_t[::1] tokens, int64_t block_tokens):
             h = xxh3_64(&tokens[start], count * 4, h)
             start += block_tokens
     return h
+
+
+# ------------------------------------------------------------ consistent-hash rings
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
+
+
+def ring_points(list ids, int vnodes):
+    """Ring points of each replica: mix64(xxh3_64(id) + k * golden) for k < vnodes."""
+    cdef Py_ssize_t n = len(ids), r
+    cdef int k
+    cdef Py_ssize_t size
+    cdef const char* utf8
+    cdef uint64_t base
+    cdef cnp.ndarray out = np.empty(n * vnodes, dtype=np.uint64)
+    cdef uint64_t* points = <uint64_t*>cnp.PyArray_DATA(out)
+    for r in range(n):
+        utf8 = PyUnicode_AsUTF8AndSize(ids[r], &size)
+        base = XXH3_64bits(utf8, size)
+        for k in range(vnodes):
+            points[r * vnodes + k] = mix64(base + <uint64_t>k * GOLDEN)
+    return out
+
+
+cdef void _radix_sort(uint64_t* keys, int32_t* vals, uint64_t* tmp_keys, int32_t* tmp_vals, Py_ssize_t n) noexcept nogil:
+    # LSD radix sort by key, 8 bits a pass: stable, so equal keys keep their input order.
+    cdef Py_ssize_t counts[256]
+    cdef Py_ssize_t i, total, c
+    cdef int shift, d
+    cdef uint64_t* src_k = keys
+    cdef int32_t* src_v = vals
+    cdef uint64_t* dst_k = tmp_keys
+    cdef int32_t* dst_v = tmp_vals
+    cdef uint64_t* swap_k
+    cdef int32_t* swap_v
+    for shift in range(0, 64, 8):
+        for d in range(256):
+            counts[d] = 0
+        for i in range(n):
+            counts[(src_k[i] >> shift) & 0xFF] += 1
+        total = 0
+        for d in range(256):
+            c = counts[d]
+            counts[d] = total
+            total += c
+        for i in range(n):
+            d = (src_k[i] >> shift) & 0xFF
+            dst_k[counts[d]] = src_k[i]
+            dst_v[counts[d]] = src_v[i]
+            counts[d] += 1
+        swap_k = src_k; src_k = dst_k; dst_k = swap_k
+        swap_v = src_v; src_v = dst_v; dst_v = swap_v
+    # eight passes: the sorted data ends where it started
+
+
+def sort_ring(cnp.ndarray points, cnp.ndarray owners, cnp.ndarray starts):
+    """Sort each group [starts[g], starts[g+1]) by point, ties in input (owner) order."""
+    if cnp.PyArray_TYPE(points) != cnp.NPY_UINT64 or cnp.PyArray_TYPE(owners) != cnp.NPY_INT32 or cnp.PyArray_TYPE(starts) != cnp.NPY_INT32:
+        raise TypeError("points uint64, owners int32, starts int32")
+    cdef cnp.ndarray keys = np.ascontiguousarray(points).copy()
+    cdef cnp.ndarray vals = np.ascontiguousarray(owners).copy()
+    cdef Py_ssize_t n = keys.shape[0]
+    cdef cnp.ndarray tmp_k = np.empty(n, dtype=np.uint64)
+    cdef cnp.ndarray tmp_v = np.empty(n, dtype=np.int32)
+    cdef const int32_t[::1] bounds = np.ascontiguousarray(starts)
+    cdef uint64_t* k = <uint64_t*>cnp.PyArray_DATA(keys)
+    cdef int32_t* v = <int32_t*>cnp.PyArray_DATA(vals)
+    cdef uint64_t* tk = <uint64_t*>cnp.PyArray_DATA(tmp_k)
+    cdef int32_t* tv = <int32_t*>cnp.PyArray_DATA(tmp_v)
+    cdef Py_ssize_t g, lo, hi
+    if bounds.shape[0] == 0 or bounds[0] != 0 or bounds[bounds.shape[0] - 1] != n:
+        raise ValueError("starts must run from 0 to len(points)")
+    with nogil:
+        for g in range(bounds.shape[0] - 1):
+            lo = bounds[g]
+            hi = bounds[g + 1]
+            _radix_sort(k + lo, v + lo, tk + lo, tv + lo, hi - lo)
+    return keys, vals

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
+from .._hashing import GOLDEN64, mix64_array
+
 
 def chain(data: bytes, block_bytes: int) -> np.ndarray:
     n = -(-len(data) // block_bytes)
@@ -34,3 +36,21 @@ def text_block_hashes(text: str, block_bytes: int) -> np.ndarray:
     if block_bytes < 1:
         raise ValueError("block_bytes must be >= 1")
     return chain(text.encode("utf-8"), block_bytes)
+
+
+def ring_points(ids: list, vnodes: int) -> np.ndarray:
+    """Ring points of each replica: mix64(xxh3_64(id) + k * golden) for k < vnodes."""
+    base = np.array([xxhash.xxh3_64_intdigest(rid.encode()) for rid in ids], dtype=np.uint64)
+    steps = np.arange(vnodes, dtype=np.uint64) * np.uint64(GOLDEN64)
+    return mix64_array((base[:, None] + steps[None, :]).ravel())
+
+
+def sort_ring(points: np.ndarray, owners: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each group [starts[g], starts[g+1]) by point, ties in input (owner) order."""
+    keys, vals = points.copy(), owners.copy()
+    for g in range(len(starts) - 1):
+        lo, hi = int(starts[g]), int(starts[g + 1])
+        order = np.argsort(points[lo:hi], kind="stable")
+        keys[lo:hi] = points[lo:hi][order]
+        vals[lo:hi] = owners[lo:hi][order]
+    return keys, vals

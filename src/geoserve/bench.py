@@ -1,0 +1,303 @@
+"""geoserve's micro-benchmark harness (``geoserve bench``), runnable from an installed package.
+
+Each *case* builds its inputs once and hands back zero-argument callables: the
+compiled path and the pure-Python twin on identical inputs, timed in the same run,
+so the ratio means something on a noisy shared machine (absolute times do not:
+docs/performance.md). ``benchmarks/`` runs the same cases under pytest-benchmark.
+
+Timing: ``repeats`` rounds of ``number`` calls each; a case reports the median
+per-call time over rounds and the spread (min and max of the rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import _compat
+from .router import Router
+from .types import Deployment, ReplicaSpec, Request, SignalColumns, Topology
+
+REGIONS = ("us-east", "eu-west", "ap-northeast")
+RTT_MS = ((2.0, 80.0, 150.0), (80.0, 2.0, 220.0), (150.0, 220.0, 2.0))
+
+
+def fleet_topology(per_region: int, slots: int = 64) -> Topology:
+    """Three regions of ``per_region`` 70B replicas (the benchmark fleets: 3x64, 3x340)."""
+    deployments = tuple(
+        Deployment(
+            model="llama-70b", version="v1", region=region, decode_slots=slots,
+            replicas=tuple(ReplicaSpec(id=f"{region}/{i}", endpoint=f"10.{g}.{i // 250}.{i % 250}:8000") for i in range(per_region)),
+        )
+        for g, region in enumerate(REGIONS)
+    )
+    return Topology(regions=REGIONS, rtt_ms=RTT_MS, deployments=deployments)
+
+
+def columns(router: Router, in_flight: int = 20, jitter: int = 4, seed: int = 1) -> SignalColumns:
+    """Every replica healthy with ``in_flight`` +- ``jitter`` requests (seeded)."""
+    n = router.fleet.n_replicas
+    rng = np.random.default_rng(seed)
+    return SignalColumns(
+        now_ms=0.0, observed_ms=np.zeros(n),
+        in_flight=rng.integers(max(0, in_flight - jitter), in_flight + jitter + 1, n).astype(np.int32),
+        queue_depth=np.zeros(n, dtype=np.int32),
+    )
+
+
+def requests(count: int, affinity: bool, origin: str = "us-east") -> list[Request]:
+    """Distinct requests: with ``affinity``, each has its own two-block prefix (NumPy)."""
+    out = []
+    for k in range(count):
+        prefix = np.array([2 * k + 1, 2 * k + 2], dtype=np.uint64) if affinity else ()
+        out.append(Request(model="llama-70b", origin=origin, prompt_tokens=1000, prefix=prefix))
+    return out
+
+
+@dataclass
+class Case:
+    name: str
+    replicas: int
+    native: Optional[Callable[[], object]] = None
+    python: Optional[Callable[[], object]] = None
+    calls: int = 1  # operations per callable invocation (for per-operation times)
+    extra: dict = field(default_factory=dict)
+
+
+def _cycler(items: list) -> Callable[[], object]:
+    it = iter(())
+
+    def nxt():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(items)
+            return next(it)
+
+    return nxt
+
+
+def decide_case(per_region: int, affinity: bool) -> Case:
+    topo = fleet_topology(per_region)
+    calls = {}
+    for impl in ("native", "python"):
+        router = Router(topo, implementation=impl)
+        snap = router.snapshot(columns(router))
+        nxt = _cycler(requests(2048, affinity))
+        decide = router.decide
+        calls[impl] = (lambda decide=decide, snap=snap, nxt=nxt: decide(nxt(), snap))
+    kind = "prefix" if affinity else "no-key"
+    return Case(f"decide/{3 * per_region}/{kind}", 3 * per_region, calls["native"], calls["python"])
+
+
+def hashing_case(dtype: str) -> Case:
+    tokens = np.random.default_rng(3).integers(0, 128_000, 4096).astype(dtype)
+    native, twin = _compat.kernels("native", "hashing"), _compat.kernels("python", "hashing")
+    case = Case(f"block_hashes/4096/{dtype}", 0, lambda: native.block_hashes(tokens, 64), lambda: twin.block_hashes(tokens, 64))
+    as_u32 = tokens.astype(np.uint32)
+    case.extra["bare_xxh3"] = lambda: native.bare_xxh3_blocks(as_u32, 64)
+    return case
+
+
+def snapshot_case(per_region: int) -> Case:
+    topo = fleet_topology(per_region)
+    calls = {}
+    for impl in ("native", "python"):
+        router = Router(topo, implementation=impl)
+        cols = columns(router)
+        kernels = router.kernels
+
+        def update(router=router, cols=cols, kernels=kernels):
+            snap = router.snapshot(cols)
+            if hasattr(kernels, "SnapshotView"):
+                snap._native = kernels.SnapshotView(snap)  # what a native router pays per update
+            return snap
+
+        calls[impl] = update
+    return Case(f"snapshot_update/{3 * per_region}/columns", 3 * per_region, calls["native"], calls["python"])
+
+
+def membership_case(per_region: int) -> Case:
+    topo = fleet_topology(per_region)
+    calls = {}
+    for impl in ("native", "python"):
+        router = Router(topo, implementation=impl)
+        calls[impl] = lambda router=router: router.update_topology(topo)
+    return Case(f"membership_change/{3 * per_region}", 3 * per_region, calls["native"], calls["python"])
+
+
+def route_loop_case(per_region: int, count: int) -> Case:
+    topo = fleet_topology(per_region)
+    reqs = requests(count, affinity=True)
+    calls = {}
+    for impl in ("native", "python"):
+        router = Router(topo, implementation=impl)
+        snap = router.snapshot(columns(router))
+        items = reqs if impl == "native" else reqs[: max(1, count // 50)]
+
+        def loop(router=router, snap=snap, items=items):
+            route, complete = router.route, router.complete
+            for q in items:
+                d = route(q, snap)
+                complete(d, d.replica)
+
+        calls[impl] = (loop, len(items))
+    case = Case(f"route_complete/{3 * per_region}/prefix", 3 * per_region, calls["native"][0], calls["python"][0])
+    case.extra["calls"] = {"native": calls["native"][1], "python": calls["python"][1]}
+    return case
+
+
+def ring_quality(per_region: int = 64, keys: int = 20_000) -> dict:
+    """Keys remapped when one replica is lost, against the minimum (the keys it owned)."""
+    topo = fleet_topology(per_region, slots=1_000_000)
+    n = per_region
+    sessions = [Request(model="llama-70b", origin="us-east", session=f"s{k}") for k in range(keys)]
+    before_router = Router(topo)
+    snap = before_router.snapshot(columns(before_router, in_flight=0, jitter=0))
+    before = [before_router.decide(q, snap).replica for q in sessions]
+    lost = "us-east/7"
+    d0 = topo.deployments[0]
+    smaller = Deployment(model=d0.model, version=d0.version, region=d0.region, decode_slots=d0.decode_slots,
+                         replicas=tuple(r for r in d0.replicas if r.id != lost))
+    after_router = Router(Topology(regions=topo.regions, rtt_ms=topo.rtt_ms, deployments=(smaller,) + topo.deployments[1:]))
+    snap2 = after_router.snapshot(columns(after_router, in_flight=0, jitter=0))
+    after = [after_router.decide(q, snap2).replica for q in sessions]
+    moved = sum(a != b for a, b in zip(before, after))
+    owned = sum(b == lost for b in before)
+    counts = np.bincount([before_router.fleet.replica_index[b] for b in before], minlength=n)[:n]
+    return {
+        "name": f"ring/keys_moved/{n}", "replicas": n, "keys": keys, "keys_moved": int(moved),
+        "keys_moved_min": int(owned), "expected_min": keys / n,
+        "max_over_mean_keys": float(counts.max() / counts.mean()),
+    }
+
+
+def bounded_load_quality(per_region: int = 64, count: int = 20_000, hot_share: float = 0.5) -> dict:
+    """max/mean in-flight when half the traffic shares one key (bounded loads at c=1.25)."""
+    router = Router(fleet_topology(per_region, slots=1_000_000))
+    snap = router.snapshot(columns(router, in_flight=0, jitter=0))
+    rng = np.random.default_rng(5)
+    for k in range(count):
+        session = "hot" if rng.random() < hot_share else f"s{k}"
+        router.route(Request(model="llama-70b", origin="us-east", session=session), snap)
+    loads = router.state.pending[: per_region].astype(float)
+    return {
+        "name": f"ring/bounded_load/{per_region}", "replicas": per_region, "requests": count, "hot_share": hot_share,
+        "max_over_mean": float(loads.max() / loads.mean()), "bound": router.policy.load_bound,
+    }
+
+
+def _time(fn: Callable[[], object], number: int, repeats: int) -> list[float]:
+    """Per-call microseconds of each round."""
+    fn()  # warm caches and lazy views
+    rounds = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            for _ in range(number):
+                fn()
+            rounds.append((time.perf_counter_ns() - t0) / number / 1e3)
+    finally:
+        if gc_was:
+            gc.enable()
+    return rounds
+
+
+def _summary(rounds: list[float], per_call: int = 1) -> dict:
+    us = [r / per_call for r in rounds]
+    return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us)}
+
+
+def cases(quick: bool) -> list[Case]:
+    return [
+        decide_case(64, affinity=False),
+        decide_case(64, affinity=True),
+        decide_case(340, affinity=False),
+        decide_case(340, affinity=True),
+        hashing_case("int64"),
+        hashing_case("uint32"),
+        snapshot_case(340),
+        membership_case(340),
+        route_loop_case(64, 20_000 if quick else 100_000),
+    ]
+
+
+def run(quick: bool = False, out=sys.stdout) -> list[dict]:
+    if _compat.compiled_decide is None:
+        raise SystemExit("geoserve bench: the compiled kernels are not built; nothing to compare")
+    scale = 1 if quick else 5
+    results: list[dict] = []
+    for case in cases(quick):
+        loop_calls = case.extra.get("calls")
+        if loop_calls:  # one invocation = a whole loop of route+complete
+            native = _summary(_time(case.native, 1, 3 * scale), loop_calls["native"])
+            python = _summary(_time(case.python, 1, 3), loop_calls["python"])
+            row = {"name": case.name, "replicas": case.replicas,
+                   "native_median_us": native["median_us"], "python_median_us": python["median_us"],
+                   "native_min_us": native["min_us"], "native_max_us": native["max_us"],
+                   "decisions_per_s": 1e6 / native["median_us"], "python_decisions_per_s": 1e6 / python["median_us"]}
+        else:
+            heavy = case.name.startswith("membership") or case.name.startswith("snapshot")
+            n_native = (20 if heavy else 2000) * scale
+            native = _summary(_time(case.native, n_native, 7))
+            python = _summary(_time(case.python, max(5, n_native // (1 if heavy else 100)), 5))
+            row = {"name": case.name, "replicas": case.replicas,
+                   "native_median_us": native["median_us"], "python_median_us": python["median_us"],
+                   "native_min_us": native["min_us"], "native_max_us": native["max_us"]}
+            if "bare_xxh3" in case.extra:
+                bare = _summary(_time(case.extra["bare_xxh3"], n_native, 7))
+                row["bare_xxh3_median_us"] = bare["median_us"]
+                row["over_bare"] = native["median_us"] / bare["median_us"]
+        row["ratio"] = row["python_median_us"] / row["native_median_us"]
+        results.append(row)
+        _print_row(row, out)
+    for quality in (ring_quality(keys=5_000 if quick else 20_000), bounded_load_quality(count=5_000 if quick else 20_000)):
+        results.append(quality)
+        print(f"  {quality['name']:34s} " + ", ".join(f"{k}={_fmt(v)}" for k, v in quality.items() if k not in ("name",)), file=out)
+    return results
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _print_row(row: dict, out) -> None:
+    extra = ""
+    if "decisions_per_s" in row:
+        extra = f"  {row['decisions_per_s']:>11,.0f} decisions/s"
+    if "over_bare" in row:
+        extra = f"  bare xxh3 {row['bare_xxh3_median_us']:.2f} us, x{row['over_bare']:.2f}"
+    print(
+        f"  {row['name']:34s} native {row['native_median_us']:9.2f} us "
+        f"[{row['native_min_us']:.2f}-{row['native_max_us']:.2f}]  python {row['python_median_us']:10.2f} us"
+        f"  x{row['ratio']:7.1f}{extra}",
+        file=out,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (CI)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as a JSON list")
+
+
+def main(args: argparse.Namespace) -> int:
+    print(f"geoserve bench ({'quick' if args.quick else 'full'}): medians of rounds, [min-max]; ratio = python / native")
+    results = run(args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+__all__ = ["run", "main", "add_arguments", "cases", "Case", "fleet_topology", "columns", "requests", "ring_quality", "bounded_load_quality"]
