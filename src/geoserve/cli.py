@@ -5,6 +5,8 @@
 * ``geoserve decide FLEET --signals S.json --request R.json`` - one decision, as
   JSON, from files: a replayable record of (request, snapshot, policy). Without
   ``--signals`` every replica is idle and healthy.
+* ``geoserve simulate [SCENARIO] [--policies a,b] [--json FILE] [--plot DIR]`` - the
+  global fleet simulation (geoserve.sim), the project's main job.
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
 """
 
@@ -62,6 +64,41 @@ def _decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import msgspec as _msgspec
+
+    from .sim import POLICIES, default_scenario, simulate
+    from .sim.report import plot, print_table, to_json
+    from .sim.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
+    if args.seed is not None:
+        scenario = _msgspec.structs.replace(scenario, seed=args.seed)
+    names = args.policies.split(",") if args.policies else list(POLICIES)
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        print(f"geoserve: unknown policies {unknown} (known: {', '.join(POLICIES)})", file=sys.stderr)
+        return 2
+    print(f"scenario {scenario.name!r}, seed {scenario.seed}, {scenario.duration_s:g} s simulated, policies: {', '.join(names)}", file=sys.stderr)
+
+    def progress(name: str, fraction: float) -> None:
+        done = int(fraction * 30)
+        sys.stderr.write(f"\r  {name:24s} [{'#' * done}{'.' * (30 - done)}] {100 * fraction:5.1f}%")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    result = simulate(scenario, names, progress=progress)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(result))
+    if args.plot:
+        for path in plot(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geoserve", description="Latency-SLA-aware multi-region LLM routing.")
     parser.add_argument("--version", action="version", version=f"geoserve {__version__} (native={native})")
@@ -75,6 +112,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--signals", help="Signals as JSON (default: every replica idle)")
     p.add_argument("--policy", help="a Policy as JSON (default: the defaults)")
     p.set_defaults(run=_decide)
+    p = sub.add_parser("simulate", help="the global fleet simulation: geoserve vs the baselines")
+    p.add_argument("scenario", nargs="?", help="a scenario TOML (default: the built-in seed scenario)")
+    p.add_argument("--policies", help="comma-separated policy names (default: all)")
+    p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write PNG charts (needs the [sim] extra)")
+    p.set_defaults(run=_simulate)
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)

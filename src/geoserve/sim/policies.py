@@ -1,0 +1,500 @@
+"""Routing policies for the simulator: geoserve and the baselines users would pick.
+
+One small interface (:class:`RoutingPolicy`): ``on_signals`` receives every signal
+update (stale in between), ``route`` picks for one request, ``complete`` releases.
+A policy returns ``(action, replica, retry_after_ms)`` with action ``serve``,
+``overflow``, ``degrade``, ``queue``, ``shed`` or ``lost`` (no route at all).
+
+Baselines are deployed the way a multi-region user deploys a single-cluster router:
+one instance per region in front of that region's replicas, with GeoDNS failover to
+the nearest region that has healthy replicas once the local pool has none (except
+``nearest_region_only``, which never leaves, and ``envoy_priority``, whose priority
+levels are the regions by RTT). Each keeps the state its peer keeps (its own
+in-flight counts, an approximate prefix index) and reads the metrics its peer reads.
+Parameters are the published defaults (``shared/docs/peers.md``); where a peer
+works on characters or tokens we have only block hashes, and match at block
+granularity instead (stated per policy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from ..types import Request
+
+POLICIES: dict[str, Callable] = {}
+
+
+def register(cls):
+    if cls.name in POLICIES:
+        raise ValueError(f"policy {cls.name!r} is registered twice")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+class RoutingPolicy:
+    """Base: the fleet's pools, the last signals, and the helpers baselines share."""
+
+    name = ""
+
+    def __init__(self, sim) -> None:
+        self.sim = sim
+        fleet = sim.fleet
+        self.fleet = fleet
+        self.rng = np.random.default_rng(sim.scenario.seed + 1)
+        model = fleet.model_index["llama-70b"]
+        regions = fleet.topology.regions
+        self.pools = [
+            list(range(int(fleet.group_start[model * fleet.n_regions + g]), int(fleet.group_start[model * fleet.n_regions + g + 1])))
+            for g in range(len(regions))
+        ]
+        self.region_of = [int(x) for x in fleet.replica_region]
+        self.slots = [int(x) for x in fleet.decode_slots]
+        # regions by RTT from each region (the GeoDNS / priority order)
+        rtt = fleet.rtt_ms
+        self.by_distance = [sorted(range(len(regions)), key=lambda g: (rtt[o, g], g)) for o in range(len(regions))]
+        n = fleet.n_replicas
+        self.usable = [True] * n
+        self.in_flight = [0] * n
+        self.queue_depth = [0] * n
+        self.outstanding = [0] * n  # this router's own in-flight requests
+
+    # ---- signals
+    def on_signals(self, columns, usable: np.ndarray) -> None:
+        self.usable = usable.tolist()
+        self.in_flight = np.asarray(columns.in_flight).tolist()
+        self.queue_depth = np.asarray(columns.queue_depth).tolist()
+
+    # ---- helpers
+    def home(self, req) -> int:
+        return self.fleet.region_index[req.origin]
+
+    def candidates(self, region: int, req) -> list:
+        tried = req.tried
+        usable = self.usable
+        return [r for r in self.pools[region] if usable[r] and r not in tried]
+
+    def pool(self, req) -> list:
+        """Local candidates, else the nearest region that has any (GeoDNS failover)."""
+        for g in self.by_distance[self.home(req)]:
+            cands = self.candidates(g, req)
+            if cands:
+                return cands
+        return []
+
+    def p2c(self, cands: list, load) -> int:
+        if len(cands) == 1:
+            return cands[0]
+        i, j = self.rng.choice(len(cands), 2, replace=False)
+        a, b = cands[int(i)], cands[int(j)]
+        return a if load(a) <= load(b) else b
+
+    def sent(self, req, r: int) -> None:
+        self.outstanding[r] += 1
+
+    def route(self, req, now: float):  # -> (action, replica, retry_after_ms)
+        raise NotImplementedError
+
+    def pick(self, req, r: int):
+        if r < 0:
+            return ("lost", -1, 0.0)
+        self.sent(req, r)
+        return ("serve" if self.region_of[r] == self.home(req) else "overflow", r, 0.0)
+
+    def complete(self, req, ok: bool) -> None:
+        if req.replica >= 0 and self.outstanding[req.replica] > 0:
+            self.outstanding[req.replica] -= 1
+
+
+class PrefixIndex:
+    """Block hash -> replicas recently sent it (LRU over blocks): the approximate
+    trees and per-endpoint indexes of SGLang, llm-d, Ray and Dynamo, at block level."""
+
+    def __init__(self, capacity: int = 1 << 17) -> None:
+        self.blocks: OrderedDict = OrderedDict()
+        self.capacity = capacity
+
+    def insert(self, prefix, r: int) -> None:
+        blocks = self.blocks
+        for h in prefix:
+            owners = blocks.get(h)
+            if owners is None:
+                blocks[h] = {r}
+            else:
+                owners.add(r)
+                blocks.move_to_end(h)
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+
+    def match(self, prefix) -> dict:
+        """Replica -> leading blocks of ``prefix`` it was sent."""
+        matched: dict = {}
+        for i, h in enumerate(prefix):
+            owners = self.blocks.get(h)
+            if not owners:
+                break
+            advanced = False
+            for r in owners:
+                if matched.get(r, 0) == i:
+                    matched[r] = i + 1
+                    advanced = True
+            if not advanced:
+                break
+        return matched
+
+
+def _key(req) -> int:
+    """Session, else the first 256 tokens' block (as geoserve and SGLang prefix_hash key)."""
+    if req.session is not None:
+        return xxhash.xxh3_64_intdigest(req.session.encode())
+    if len(req.prefix):
+        k = max(1, min(len(req.prefix), -(-256 // req.block_tokens)))
+        return int(req.prefix[k - 1])
+    return req.id
+
+
+class _Ring:
+    """A consistent-hash ring per region over the 70B pool (64 points per replica)."""
+
+    def __init__(self, policy: RoutingPolicy, vnodes: int = 64) -> None:
+        self.rings = []
+        for pool in policy.pools:
+            points = []
+            for r in pool:
+                base = xxhash.xxh3_64_intdigest(policy.fleet.replica_ids[r].encode())
+                points.extend(((base + k * 0x9E3779B97F4A7C15) % (1 << 64), r) for k in range(vnodes))
+            points.sort()
+            self.rings.append(([p for p, _ in points], [r for _, r in points]))
+
+    def walk(self, region: int, key: int):
+        import bisect
+
+        points, owners = self.rings[region]
+        if not points:
+            return
+        at = bisect.bisect_left(points, xxhash.xxh3_64_intdigest(key.to_bytes(8, "little")))
+        seen = set()
+        for step in range(len(points)):
+            r = owners[(at + step) % len(points)]
+            if r not in seen:
+                seen.add(r)
+                yield r
+
+
+# ------------------------------------------------------------------ geoserve
+@register
+class Geoserve(RoutingPolicy):
+    """geoserve's Router, exactly as a gateway runs it."""
+
+    name = "geoserve"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.router = sim.router
+        self.snapshot = None
+        self.ids = self.fleet.replica_ids
+
+    def on_signals(self, columns, usable) -> None:
+        self.snapshot = self.router.snapshot(columns)
+
+    def route(self, req, now: float):
+        if req.decision is not None and req.decision.action == "queue":
+            self.router.complete(req.decision)  # it asks again: give back the queue slot
+        request = Request(
+            model=req.model, origin=req.origin, priority=req.priority, prompt_tokens=req.prompt_tokens,
+            max_tokens=req.output_tokens, session=req.session, prefix=req.prefix, block_tokens=req.block_tokens,
+            exclude=tuple(self.ids[r] for r in req.tried), waited_ms=now - req.arrival_ms,
+        )
+        d = self.router.route(request, self.snapshot)
+        req.decision = d
+        return (d.action, d.replica_index, float(d.retry_after_ms or 0))
+
+    def complete(self, req, ok: bool) -> None:
+        d = req.decision
+        if d is not None and d.action in ("serve", "overflow", "degrade"):
+            self.router.complete(d, replica=d.replica, ok=ok)
+
+
+# ------------------------------------------------------------------ baselines
+@register
+class RandomPolicy(RoutingPolicy):
+    name = "random"
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        return self.pick(req, cands[int(self.rng.integers(len(cands)))] if cands else -1)
+
+
+@register
+class RoundRobin(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.next = [0] * len(self.pools)
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        g = self.region_of[cands[0]]
+        r = cands[self.next[g] % len(cands)]
+        self.next[g] += 1
+        return self.pick(req, r)
+
+
+@register
+class LeastRequest(RoutingPolicy):
+    """Envoy ``least_request``: power of two choices on the router's own active requests."""
+
+    name = "least_request_p2c"
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        return self.pick(req, self.p2c(cands, self.outstanding.__getitem__) if cands else -1)
+
+
+@register
+class ConsistentHash(RoutingPolicy):
+    """Hard affinity: the ring's home for the key, whatever its load."""
+
+    name = "consistent_hash"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.ring = _Ring(self)
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        allowed = set(cands)
+        for r in self.ring.walk(self.region_of[cands[0]], _key(req)):
+            if r in allowed:
+                return self.pick(req, r)
+        return self.pick(req, -1)
+
+
+@register
+class BoundedConsistentHash(RoutingPolicy):
+    """SGLang ``prefix_hash``: the ring's home unless its load > 1.25 x average, then clockwise."""
+
+    name = "bounded_consistent_hash"
+    factor = 1.25
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.ring = _Ring(self)
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        allowed = set(cands)
+        load = self.outstanding
+        average = sum(load[r] for r in cands) / len(cands)
+        first = -1
+        for r in self.ring.walk(self.region_of[cands[0]], _key(req)):
+            if r in allowed:
+                if first < 0:
+                    first = r
+                if load[r] <= self.factor * average:
+                    return self.pick(req, r)
+        return self.pick(req, first)
+
+
+@register
+class SGLangCacheAware(RoutingPolicy):
+    """SGLang ``cache_aware`` (CLI defaults 64 / 1.5 / 0.3) on the router's own counts;
+    its character radix tree is approximated by block hashes."""
+
+    name = "sglang_cache_aware"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.index = PrefixIndex()
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        load = self.outstanding
+        loads = [load[r] for r in cands]
+        lo, hi = min(loads), max(loads)
+        least = cands[loads.index(lo)]
+        if hi - lo > 64 and hi > 1.5 * lo:
+            return self._pick(req, least)
+        matched = self.index.match(req.prefix)
+        best, best_blocks = least, 0
+        for r in cands:
+            m = matched.get(r, 0)
+            if m > best_blocks:
+                best, best_blocks = r, m
+        rate = best_blocks / len(req.prefix) if len(req.prefix) else 0.0
+        return self._pick(req, best if rate > 0.3 else least)
+
+    def _pick(self, req, r):
+        self.index.insert(req.prefix, r)
+        return self.pick(req, r)
+
+
+@register
+class LlmdScorer(RoutingPolicy):
+    """llm-d endpoint picker: filters saturated endpoints, then 2*queue + 2*kv + 3*prefix.
+    KV utilization is taken as slot utilization (the simulator does not track KV bytes)."""
+
+    name = "llmd_scorer"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.index = PrefixIndex()
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        q = self.queue_depth
+        kv = [self.in_flight[r] / self.slots[r] for r in cands]
+        fresh = [r for r, k in zip(cands, kv) if max(q[r] / 5.0, k / 0.8) < 1.0]
+        if not fresh:
+            if req.priority != "interactive":  # sheddable (priority < 0): 429
+                return ("shed", -1, 1000.0)
+            fresh = cands
+        qs = [q[r] for r in fresh]
+        qmin, qmax = min(qs), max(qs)
+        matched = self.index.match(req.prefix)
+        total = max(1, len(req.prefix))
+        best, best_score = fresh[0], -math.inf
+        for r in fresh:
+            queue_score = 1.0 if qmax == qmin else (qmax - q[r]) / (qmax - qmin)
+            kv_score = 1.0 - self.in_flight[r] / self.slots[r]
+            score = 2 * queue_score + 2 * kv_score + 3 * matched.get(r, 0) / total
+            if score > best_score:
+                best, best_score = r, score
+        self.index.insert(req.prefix, best)
+        return self.pick(req, best)
+
+
+@register
+class DynamoKV(RoutingPolicy):
+    """NVIDIA Dynamo KV router, temperature 0: argmin prefill_scale * max(active prefill
+    + prompt - overlap, 0) + decode blocks, in blocks, from the router's own bookkeeping."""
+
+    name = "dynamo_kv"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.index = PrefixIndex()
+        n = self.fleet.n_replicas
+        self.prefill_blocks = [0] * n
+        self.decode_blocks = [0] * n
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        matched = self.index.match(req.prefix)
+        blocks = len(req.prefix)
+        best, best_cost = cands[0], math.inf
+        for r in cands:
+            cost = max(self.prefill_blocks[r] + blocks - matched.get(r, 0), 0) + self.decode_blocks[r]
+            if cost < best_cost:
+                best, best_cost = r, cost
+        self.index.insert(req.prefix, best)
+        self.prefill_blocks[best] += blocks
+        self.decode_blocks[best] += blocks + -(-req.output_tokens // req.block_tokens)
+        return self.pick(req, best)
+
+    def on_signals(self, columns, usable) -> None:
+        super().on_signals(columns, usable)
+        self.prefill_blocks = [0] * self.fleet.n_replicas  # a signal period later, routed prefills are done
+
+    def complete(self, req, ok):
+        if req.replica >= 0:
+            self.decode_blocks[req.replica] = max(0, self.decode_blocks[req.replica] - len(req.prefix) - -(-req.output_tokens // req.block_tokens))
+        super().complete(req, ok)
+
+
+@register
+class RayPrefix(RoutingPolicy):
+    """Ray Serve LLM prefix-aware router: queue spread > 10 -> power of two; else the
+    longest prefix match when the match rate >= 0.1; queue lengths are Ray's cache
+    (the last signal plus what this router sent since)."""
+
+    name = "ray_prefix"
+
+    def __init__(self, sim) -> None:
+        super().__init__(sim)
+        self.index = PrefixIndex()
+        self.since = [0] * self.fleet.n_replicas
+
+    def on_signals(self, columns, usable) -> None:
+        super().on_signals(columns, usable)
+        self.since = [0] * self.fleet.n_replicas
+
+    def _queue(self, r):
+        return self.in_flight[r] + self.since[r]
+
+    def route(self, req, now):
+        cands = self.pool(req)
+        if not cands:
+            return self.pick(req, -1)
+        queues = [self._queue(r) for r in cands]
+        choice = -1
+        if max(queues) - min(queues) <= 10 and len(req.prefix):
+            matched = self.index.match(req.prefix)
+            best, blocks = -1, 0
+            for r in cands:
+                if matched.get(r, 0) > blocks:
+                    best, blocks = r, matched[r]
+            if best >= 0 and blocks / len(req.prefix) >= 0.1:
+                choice = best
+        if choice < 0:
+            choice = self.p2c(cands, self._queue)
+        self.index.insert(req.prefix, choice)
+        self.since[choice] += 1
+        return self.pick(req, choice)
+
+
+@register
+class EnvoyPriority(RoutingPolicy):
+    """Envoy priority failover, overprovisioning 1.4: the nearest region takes
+    min(1, 1.4 x its healthy share) of the traffic, the rest spills to the next
+    priority; least_request inside a priority. No cap on spill."""
+
+    name = "envoy_priority"
+
+    def route(self, req, now):
+        left = 1.0
+        u = self.rng.random()
+        levels = self.by_distance[self.home(req)]
+        for i, g in enumerate(levels):
+            pool = self.pools[g]
+            healthy = [r for r in pool if self.usable[r] and r not in req.tried]
+            share = min(left, 1.4 * len(healthy) / len(pool)) if pool else 0.0
+            if healthy and (u < share or i == len(levels) - 1):
+                return self.pick(req, self.p2c(healthy, self.outstanding.__getitem__))
+            u -= share
+            left -= share
+            if left <= 0:
+                break
+        cands = self.pool(req)  # all priorities unhealthy: panic to whatever is left
+        return self.pick(req, self.p2c(cands, self.outstanding.__getitem__) if cands else -1)
+
+
+@register
+class NearestRegionOnly(RoutingPolicy):
+    """GeoDNS to the nearest region and a local least-loaded balancer; never leaves it."""
+
+    name = "nearest_region_only"
+
+    def route(self, req, now):
+        cands = self.candidates(self.home(req), req)
+        if not cands:
+            return self.pick(req, -1)
+        return self.pick(req, min(cands, key=self.outstanding.__getitem__))
