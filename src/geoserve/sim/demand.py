@@ -31,7 +31,7 @@ class SimRequest:
 
     __slots__ = (
         "id", "arrival_ms", "origin", "priority", "model", "prompt_tokens", "output_tokens", "session",
-        "prefix", "block_tokens", "peak",
+        "prefix", "blocks", "block_tokens", "peak",
         # what happened
         "attempts", "tried", "queued", "waited_ms", "outcome", "region", "replica", "model_used", "version",
         "ttft_ms", "completion_ms", "cached_tokens", "budget_ms", "started_ms", "decision",
@@ -48,7 +48,8 @@ class SimRequest:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = max(1, output_tokens)
         self.session = session
-        self.prefix = prefix
+        self.prefix = prefix  # uint64 array: what the router reads
+        self.blocks = tuple(prefix.tolist())  # the same hashes as Python ints: what caches key on
         self.block_tokens = block_tokens
         self.peak = False
         self.attempts = 0

@@ -149,19 +149,22 @@ class Simulation:
 
     # ------------------------------------------------------------ signals
     def _signal(self, t: float) -> None:
-        reps = self.replicas
-        observed = np.array([t if r.alive else r.last_signal_ms for r in reps])
-        for r in reps:
+        n = len(self.replicas)
+        observed = np.empty(n)
+        healthy = np.empty(n, dtype=bool)
+        running = np.empty(n, dtype=np.int32)
+        waiting = np.empty(n, dtype=np.int32)
+        busy = [0] * self.fleet.n_regions
+        for i, r in enumerate(self.replicas):
             if r.alive:
                 r.last_signal_ms = t
-        healthy = np.array([r.alive for r in reps])
-        running, waiting = zip(*(r.signals(t) for r in reps))
-        columns = SignalColumns(
-            now_ms=t, observed_ms=observed, healthy=healthy,
-            in_flight=np.array(running, dtype=np.int32), queue_depth=np.array(waiting, dtype=np.int32),
-        )
+            observed[i] = r.last_signal_ms
+            healthy[i] = r.alive
+            running[i], waiting[i] = r.signals(t)
+            if r.in_use:
+                busy[r.region] += 1
+        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
         usable = healthy & (t - observed <= self.fleet.policy.signal_max_age_ms)
-        busy = np.bincount([r.region for r in reps if r.in_use], minlength=self.fleet.n_regions)
         self.busy_samples.append((t, busy))
         if self.signal_delay_ms > 0:
             self.push(t + self.signal_delay_ms, DELIVER, columns, usable)

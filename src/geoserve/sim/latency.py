@@ -19,7 +19,7 @@ perf_model.csv``, MIT; rows ``hardware=h100-80gb, tensor_parallel=4``):
 
 from __future__ import annotations
 
-import numpy as np
+from bisect import bisect_left
 
 # (prefill tokens, median prompt_time ms) of the h100-80gb TP4 rows
 SPLITWISE_H100_TP4_PREFILL = (
@@ -36,8 +36,8 @@ class LatencyModel:
 
     def __init__(self, prefill_points=SPLITWISE_H100_TP4_PREFILL, tpot=SPLITWISE_H100_TP4_TPOT, scale: float = 1.0) -> None:
         pts = sorted(prefill_points)
-        self._x = np.array([p[0] for p in pts], dtype=np.float64)
-        self._y = np.array([p[1] for p in pts], dtype=np.float64) * scale
+        self._x = [float(p[0]) for p in pts]
+        self._y = [float(p[1]) * scale for p in pts]
         self._slope = (self._y[-1] - self._y[-2]) / (self._x[-1] - self._x[-2])
         self.tpot_base_ms = tpot[0] * scale
         self.tpot_ms_per_batch = tpot[1] * scale
@@ -45,16 +45,19 @@ class LatencyModel:
 
     def scaled(self, factor: float) -> "LatencyModel":
         """The same curve for a model ``factor`` times as fast per token (e.g. 8B vs 70B)."""
-        pts = tuple(zip(self._x.tolist(), (self._y / self.scale).tolist()))
+        pts = tuple(zip(self._x, (y / self.scale for y in self._y)))
         return LatencyModel(pts, (self.tpot_base_ms / self.scale, self.tpot_ms_per_batch / self.scale), self.scale * factor)
 
     def prefill_ms(self, tokens: float) -> float:
         if tokens <= 0:
             return 0.0
-        if tokens <= self._x[-1]:
-            # below the first point the floor holds (fixed cost of a forward pass)
-            return float(np.interp(tokens, self._x, self._y))
-        return float(self._y[-1] + self._slope * (tokens - self._x[-1]))
+        x, y = self._x, self._y
+        if tokens <= x[0]:
+            return y[0]  # below the first point the floor holds (fixed cost of a forward pass)
+        if tokens >= x[-1]:
+            return y[-1] + self._slope * (tokens - x[-1])
+        i = bisect_left(x, tokens)
+        return y[i - 1] + (y[i] - y[i - 1]) * (tokens - x[i - 1]) / (x[i] - x[i - 1])
 
     def tpot_ms(self, batch: int) -> float:
         return self.tpot_base_ms + self.tpot_ms_per_batch * batch

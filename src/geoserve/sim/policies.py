@@ -329,7 +329,7 @@ class SGLangCacheAware(RoutingPolicy):
         least = cands[loads.index(lo)]
         if hi - lo > 64 and hi > 1.5 * lo:
             return self._pick(req, least)
-        matched = self.index.match(req.prefix)
+        matched = self.index.match(req.blocks)
         best, best_blocks = least, 0
         for r in cands:
             m = matched.get(r, 0)
@@ -339,7 +339,7 @@ class SGLangCacheAware(RoutingPolicy):
         return self._pick(req, best if rate > 0.3 else least)
 
     def _pick(self, req, r):
-        self.index.insert(req.prefix, r)
+        self.index.insert(req.blocks, r)
         return self.pick(req, r)
 
 
@@ -367,7 +367,7 @@ class LlmdScorer(RoutingPolicy):
             fresh = cands
         qs = [q[r] for r in fresh]
         qmin, qmax = min(qs), max(qs)
-        matched = self.index.match(req.prefix)
+        matched = self.index.match(req.blocks)
         total = max(1, len(req.prefix))
         best, best_score = fresh[0], -math.inf
         for r in fresh:
@@ -376,7 +376,7 @@ class LlmdScorer(RoutingPolicy):
             score = 2 * queue_score + 2 * kv_score + 3 * matched.get(r, 0) / total
             if score > best_score:
                 best, best_score = r, score
-        self.index.insert(req.prefix, best)
+        self.index.insert(req.blocks, best)
         return self.pick(req, best)
 
 
@@ -398,14 +398,14 @@ class DynamoKV(RoutingPolicy):
         cands = self.pool(req)
         if not cands:
             return self.pick(req, -1)
-        matched = self.index.match(req.prefix)
+        matched = self.index.match(req.blocks)
         blocks = len(req.prefix)
         best, best_cost = cands[0], math.inf
         for r in cands:
             cost = max(self.prefill_blocks[r] + blocks - matched.get(r, 0), 0) + self.decode_blocks[r]
             if cost < best_cost:
                 best, best_cost = r, cost
-        self.index.insert(req.prefix, best)
+        self.index.insert(req.blocks, best)
         self.prefill_blocks[best] += blocks
         self.decode_blocks[best] += blocks + -(-req.output_tokens // req.block_tokens)
         return self.pick(req, best)
@@ -447,7 +447,7 @@ class RayPrefix(RoutingPolicy):
         queues = [self._queue(r) for r in cands]
         choice = -1
         if max(queues) - min(queues) <= 10 and len(req.prefix):
-            matched = self.index.match(req.prefix)
+            matched = self.index.match(req.blocks)
             best, blocks = -1, 0
             for r in cands:
                 if matched.get(r, 0) > blocks:
@@ -456,7 +456,7 @@ class RayPrefix(RoutingPolicy):
                 choice = best
         if choice < 0:
             choice = self.p2c(cands, self._queue)
-        self.index.insert(req.prefix, choice)
+        self.index.insert(req.blocks, choice)
         self.since[choice] += 1
         return self.pick(req, choice)
 

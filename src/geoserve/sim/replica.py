@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import deque
 
 from .latency import LatencyModel
 
@@ -32,7 +32,7 @@ class Replica:
     __slots__ = (
         "index", "region", "slots", "latency", "cache", "cache_blocks", "alive", "slow", "waiting", "in_use",
         "prefill_free_at", "decoding", "virtual", "virtual_at", "batch", "version", "busy_since", "busy_ms",
-        "last_signal_ms", "block_tokens", "served", "seq", "prefilling",
+        "last_signal_ms", "block_tokens", "served", "seq", "prefilling", "uses", "clock",
     )
 
     def __init__(self, index: int, region: int, slots: int, latency: LatencyModel, cache_tokens: int, block_tokens: int) -> None:
@@ -41,7 +41,11 @@ class Replica:
         self.slots = slots
         self.latency = latency
         self.block_tokens = block_tokens
-        self.cache: OrderedDict = OrderedDict()
+        # LRU of block hashes: block -> last use stamp, and a FIFO of (stamp, block)
+        # uses in which a block's stale entries are skipped when it is evicted
+        self.cache: dict = {}
+        self.uses: deque = deque()
+        self.clock = 0
         self.cache_blocks = max(1, cache_tokens // block_tokens)
         self.alive = True
         self.slow = 1.0
@@ -81,19 +85,31 @@ class Replica:
         return end
 
     def _cache_lookup(self, req) -> int:
-        cache = self.cache
+        """Leading blocks of the prompt already cached; then every block is most recent."""
+        cache, uses = self.cache, self.uses
+        blocks = req.blocks
         hits = 0
-        for h in req.prefix:
+        for h in blocks:
             if h in cache:
-                cache.move_to_end(h)
                 hits += 1
             else:
                 break
-        for h in req.prefix[hits:]:
-            cache[h] = None
-        while len(cache) > self.cache_blocks:
-            cache.popitem(last=False)
+        self.clock += 1
+        stamp = self.clock
+        for h in blocks:
+            cache[h] = stamp
+        uses.append((stamp, blocks))
+        if len(cache) > self.cache_blocks:
+            self._evict()
         return min(hits * req.block_tokens, req.prompt_tokens)
+
+    def _evict(self) -> None:
+        cache, uses = self.cache, self.uses
+        while len(cache) > self.cache_blocks and uses:
+            stamp, blocks = uses.popleft()
+            for h in blocks:
+                if cache.get(h) == stamp:  # not used since: least recently used
+                    del cache[h]
 
     # ---------------------------------------------------------------- decode
     def step_ms(self, batch: int) -> float:
@@ -163,6 +179,7 @@ class Replica:
         self.in_use = 0
         self.prefill_free_at = now
         self.cache.clear()
+        self.uses.clear()
         return dropped
 
     def signals(self, now: float) -> tuple[int, int]:
