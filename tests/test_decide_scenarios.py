@@ -286,18 +286,42 @@ def test_fallbacks_are_the_next_best_in_order_and_exclude_the_primary(impl):
 
 
 def test_a_burst_between_snapshots_spreads_instead_of_herding(impl):
-    r = router(impl, topology([deployment("m", "v1", reg, 4, slots=64) for reg in ("us", "eu", "ap")]))
+    deps = [deployment("m", "v1", reg, 4, slots=64) for reg in ("us", "eu", "ap")]
+    r = router(impl, topology(deps))
     s = snapshot(r)
-    picks = [r.route(req(), s).replica for _ in range(100)]
+    picks = [r.route(req(prompt_tokens=64), s).replica for _ in range(100)]  # short prompts: all fit at home
     counts = np.bincount([r.fleet.replica_index[p] for p in picks], minlength=4)[:4]
-    assert counts.max() - counts.min() <= 1
+    assert counts.sum() == 100 and counts.max() - counts.min() <= 1
     # with affinity keys, bounded loads cap the hottest replica at c x the mean
-    r2 = router(impl, topology([deployment("m", "v1", reg, 4, slots=64) for reg in ("us", "eu", "ap")]))
+    r2 = router(impl, topology(deps))
     s2 = snapshot(r2)
     for k in range(100):
         r2.route(req(prefix=(k + 1,), prompt_tokens=64), s2)
     assert r2.state.pending[:4].sum() == 100
     assert r2.state.pending[:4].max() <= math.ceil(1.25 * 100 / 4)
+
+
+def test_a_burst_of_long_prompts_spills_once_the_queued_prefills_fill_the_budget(impl):
+    r = router(impl, topology([deployment("m", "v1", reg, 4, slots=64) for reg in ("us", "eu", "ap")]))
+    s = snapshot(r)
+    decisions = [r.route(req(prompt_tokens=1000), s) for _ in range(40)]
+    home = [d for d in decisions if d.region == "us"]
+    # each request waits behind the prefills the router already sent there: 2 + k * 114.7 + 114.7 + decode <= 800
+    assert len(home) == 4 * 6 and all(d.ttft_ms <= 800.0 for d in home)
+    assert all(d.action == "overflow" and d.ttft_ms <= 1200.0 for d in decisions[len(home):])
+
+
+def test_requests_sent_since_the_snapshot_count_as_work_ahead(impl):
+    r = router(impl)
+    s = snapshot(r)
+    first = r.route(req(), s)
+    assert first.queue_ms == 0.0
+    # the next one to the same replica waits behind the first one's prefill
+    only_first = tuple(x for x in ids_in(r, "us") if x != first.replica)
+    again = r.decide(req(exclude=only_first), s)
+    assert again.replica == first.replica and again.queue_ms == pytest.approx(first.prefill_ms)
+    r.complete(first, replica=first.replica)
+    assert r.decide(req(exclude=only_first), s).queue_ms == 0.0
 
 
 def test_the_prefix_index_makes_cached_tokens_part_of_the_prediction(impl):
@@ -306,6 +330,7 @@ def test_the_prefix_index_makes_cached_tokens_part_of_the_prediction(impl):
     prefix = tuple(range(1, 9))  # 8 blocks of 64 tokens
     first = r.route(req(prefix=prefix, prompt_tokens=512), s)
     assert first.cached_tokens == 0
+    r.complete(first, replica=first.replica)
     again = r.decide(req(prefix=prefix, prompt_tokens=600), s)
     assert again.replica == first.replica and again.cached_tokens == 512
     assert again.prefill_ms == pytest.approx(7.7 + 0.107 * 88)

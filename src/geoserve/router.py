@@ -94,6 +94,7 @@ class Router:
             remap = np.array([fleet.replica_index.get(rid, -1) for rid in old_fleet.replica_ids] + [-1], dtype=np.int32)
             kept = remap[:-1] >= 0
             state.pending[remap[:-1][kept]] = old_state.pending[kept]
+            state.pending_prefill_ms[remap[:-1][kept]] = old_state.pending_prefill_ms[kept]
             old_regions = old_fleet.topology.regions
             for g, name in enumerate(fleet.topology.regions):
                 if name in old_regions:
@@ -128,7 +129,8 @@ class Router:
             if snapshot.epoch > state.epoch:
                 state.roll(snapshot.epoch)
             decision, (prefix, origin) = self._decide(request, snapshot, state)
-            self.kernels.record(snapshot, state, _ACTION_CODE[decision.action], decision.replica_index, origin, prefix)
+            self.kernels.record(snapshot, state, _ACTION_CODE[decision.action], decision.replica_index, origin, prefix,
+                                decision.prefill_ms)
         return decision
 
     def _complete_python(self, decision: Decision, replica: Optional[str], ok: bool) -> None:
@@ -136,7 +138,7 @@ class Router:
         with state.lock:
             home = fleet.region_index.get(decision.region or "", -1)
             r = decision.replica_index if decision.epoch == state.epoch else -1
-            self.kernels.release(state, _ACTION_CODE[decision.action], r, decision.epoch, home)
+            self.kernels.release(state, _ACTION_CODE[decision.action], r, decision.epoch, home, decision.prefill_ms)
             if ok and replica is not None and replica != decision.replica and decision.action != "queue":
                 served = fleet.replica_index.get(replica)
                 if served is not None:

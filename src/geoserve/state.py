@@ -6,6 +6,9 @@
   newer snapshot starts them from zero, and a ``complete()`` of an older epoch's
   decision releases nothing. Between two snapshots a burst therefore sees its own
   earlier picks and spreads instead of herding onto the replica that looked idle.
+* ``pending_prefill_ms[r]`` - the predicted prefill of those requests: work the
+  engine has not started, as far as the router knows, and that a later request to
+  r waits behind (its FIFO); epoch-scoped like ``pending``.
 * ``spill_pair`` / ``spill_total`` - overflow admitted since that snapshot, per
   (origin region, rescuer) and per rescuer, spent against the snapshot's spill
   allowance; epoch-scoped like ``pending``.
@@ -37,7 +40,7 @@ WAYS = 4
 PREFIX_ENTRY = np.dtype([("key", "<u8"), ("owner", "<i4", (WAYS,)), ("stamp", "<u8", (WAYS,)), ("pad", "u1", (8,))])
 assert PREFIX_ENTRY.itemsize == 64
 # Every array a RouterState holds (copy(), tests that compare two states).
-STATE_ARRAYS = ("pending", "spill_pair", "spill_total", "queued", "prefix", "clock")
+STATE_ARRAYS = ("pending", "pending_prefill_ms", "spill_pair", "spill_total", "queued", "prefix", "clock")
 
 
 class RouterState:
@@ -48,6 +51,7 @@ class RouterState:
         self.n_regions = n_regions
         self.epoch = -1
         self.pending = np.zeros(n_replicas, dtype=np.int32)
+        self.pending_prefill_ms = np.zeros(n_replicas, dtype=np.float64)
         self.spill_pair = np.zeros(n_regions * n_regions, dtype=np.int32)
         self.spill_total = np.zeros(n_regions, dtype=np.int32)
         self.queued = np.zeros(n_regions, dtype=np.int32)
@@ -65,6 +69,7 @@ class RouterState:
         """Start the epoch-scoped counters afresh when a newer snapshot arrives."""
         if epoch != self.epoch:
             self.pending.fill(0)
+            self.pending_prefill_ms.fill(0.0)
             self.spill_pair.fill(0)
             self.spill_total.fill(0)
             self.epoch = epoch

@@ -121,6 +121,7 @@ cdef struct PrefixEntry:
 
 cdef struct StateC:
     int32_t* pending
+    double* pending_prefill_ms
     int32_t* spill_pair
     int32_t* spill_total
     int32_t* queued
@@ -289,9 +290,10 @@ cdef class StateView:
     cdef tuple arrays
 
     def __cinit__(self, state):
-        self.arrays = (state.pending, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
+        self.arrays = (state.pending, state.pending_prefill_ms, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
         cdef int i32 = cnp.NPY_INT32, u64 = cnp.NPY_UINT64
         self.st.pending = <int32_t*>_ptr(state.pending, i32, "pending")
+        self.st.pending_prefill_ms = <double*>_ptr(state.pending_prefill_ms, cnp.NPY_FLOAT64, "pending_prefill_ms")
         self.st.spill_pair = <int32_t*>_ptr(state.spill_pair, i32, "spill_pair")
         self.st.spill_total = <int32_t*>_ptr(state.spill_total, i32, "spill_total")
         self.st.queued = <int32_t*>_ptr(state.queued, i32, "queued")
@@ -478,7 +480,7 @@ cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noex
     if batch > slots:
         batch = slots
     out.network = m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
-    out.queue = <double>(row.queue_depth + extra) * row.slot_ms
+    out.queue = <double>(row.queue_depth + extra) * row.slot_ms + (m.st.pending_prefill_ms[r] if m.live else 0.0)
     cached = _matched(m, r) * req.block_tokens
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
@@ -503,7 +505,7 @@ cdef inline double _ttft(const ModelC* m, int r, int64_t load) noexcept nogil:
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
     return (m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
-            + <double>(row.queue_depth + extra) * row.slot_ms
+            + (<double>(row.queue_depth + extra) * row.slot_ms + (m.st.pending_prefill_ms[r] if m.live else 0.0))
             + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(req.prompt_tokens - cached))
             + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
 
@@ -663,6 +665,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
     # pointers, so the compiler could not otherwise keep them in registers.
     cdef const Row* rows = m.s.rows
     cdef const int32_t* pending = m.st.pending
+    cdef const double* pending_prefill = m.st.pending_prefill_ms
     cdef const int32_t* exclude = m.req.exclude
     cdef Py_ssize_t n_exclude = m.req.n_exclude
     cdef bint live = m.live
@@ -720,7 +723,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
         if cached > prompt:
             cached = prompt
         # the same expression, in the same order, as _predict and the twin's predict
-        ttft = (network + <double>(row.queue_depth + extra) * row.slot_ms
+        ttft = (network + (<double>(row.queue_depth + extra) * row.slot_ms + (pending_prefill[r] if live else 0.0))
                 + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(prompt - cached))
                 + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
         if ttft < best_ttft:
@@ -973,13 +976,14 @@ def prefix_record(state, cnp.ndarray prefix, int replica):
 
 # ------------------------------------------------------------ route / complete
 cdef void _record(const FleetC* f, const SnapC* s, StateC* st, int64_t state_epoch, int action, int replica,
-                  int origin, const uint64_t* prefix, Py_ssize_t n_prefix) noexcept nogil:
+                  int origin, const uint64_t* prefix, Py_ssize_t n_prefix, double prefill_ms) noexcept nogil:
     cdef int home = f.home[origin]
     cdef int region
     if action == SERVE or action == OVERFLOW or action == DEGRADE:
         _prefix_record(st, prefix, n_prefix, replica)
         if s.epoch == state_epoch:  # a late caller's stale snapshot counts nothing
             st.pending[replica] += 1
+            st.pending_prefill_ms[replica] += prefill_ms
             region = f.replica_region[replica]
             if region != home:
                 st.spill_pair[home * f.n_regions + region] += 1
@@ -988,16 +992,20 @@ cdef void _record(const FleetC* f, const SnapC* s, StateC* st, int64_t state_epo
         st.queued[home] += 1
 
 
-cdef void _release(StateC* st, int64_t state_epoch, int action, int replica, int64_t epoch, int home) noexcept nogil:
+cdef void _release(StateC* st, int64_t state_epoch, int action, int replica, int64_t epoch, int home,
+                   double prefill_ms) noexcept nogil:
+    cdef double left
     if action == SERVE or action == OVERFLOW or action == DEGRADE:
         if replica >= 0 and epoch == state_epoch and st.pending[replica] > 0:
             st.pending[replica] -= 1
+            left = st.pending_prefill_ms[replica] - prefill_ms
+            st.pending_prefill_ms[replica] = left if left > 0.0 else 0.0
     elif action == QUEUE:
         if home >= 0 and st.queued[home] > 0:
             st.queued[home] -= 1
 
 
-def record(snapshot, state, int action, int replica, int origin, cnp.ndarray prefix):
+def record(snapshot, state, int action, int replica, int origin, cnp.ndarray prefix, double prefill_ms):
     """What route() remembers of a decision made against ``snapshot``."""
     cdef SnapshotView sv = _snapshot_view(snapshot)
     cdef StateView tv = _state_view(state)
@@ -1006,15 +1014,15 @@ def record(snapshot, state, int action, int replica, int origin, cnp.ndarray pre
     if not (0 <= origin < sv.f.n_locations) or (action != QUEUE and action != SHED and not (0 <= replica < state.n_replicas)):
         raise IndexError("origin or replica out of range")
     _record(&sv.f, &sv.s, &tv.st, state.epoch, action, replica, origin,
-            <const uint64_t*>cnp.PyArray_DATA(prefix), cnp.PyArray_DIM(prefix, 0))
+            <const uint64_t*>cnp.PyArray_DATA(prefix), cnp.PyArray_DIM(prefix, 0), prefill_ms)
 
 
-def release(state, int action, int replica, int64_t epoch, int home):
+def release(state, int action, int replica, int64_t epoch, int home, double prefill_ms):
     """What complete() gives back: the in-flight count (same epoch only) or the queue slot."""
     cdef StateView tv = _state_view(state)
     if replica >= state.n_replicas or home >= state.n_regions:
         raise IndexError("replica or region out of range")
-    _release(&tv.st, state.epoch, action, replica, epoch, home)
+    _release(&tv.st, state.epoch, action, replica, epoch, home, prefill_ms)
 
 
 # ------------------------------------------------------------ the boundary, compiled
@@ -1292,7 +1300,8 @@ cdef class Boundary:
             state_epoch = state.epoch
             with nogil:
                 _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
-                _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix)
+                _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix,
+                        out.prefill)
         finally:
             self.release_lock()
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
@@ -1325,7 +1334,7 @@ cdef class Boundary:
                 r = -1
             if r >= self.n_replicas:
                 return False
-            _release(&tv.st, state.epoch, action, r, epoch, home)
+            _release(&tv.st, state.epoch, action, r, epoch, home, decision.prefill_ms)
         finally:
             self.release_lock()
         return True

@@ -195,6 +195,9 @@ class _Model:
     def pending(self, r: int) -> int:
         return int(self.state.pending[r]) if self.live else 0
 
+    def pending_prefill(self, r: int) -> float:
+        return float(self.state.pending_prefill_ms[r]) if self.live else 0.0
+
     def load(self, r: int) -> int:
         return int(self.snap.in_flight[r]) + self.pending(r)
 
@@ -217,7 +220,9 @@ class _Model:
         s, f, req = self.snap, self.f, self.req
         slots = int(f.decode_slots[r])
         network = float(f.rtt_ms[req.origin, f.replica_region[r]])
-        queue = (int(s.queue_depth[r]) + max(0, load + 1 - slots)) * float(s.slot_ms[r])
+        # behind: what was waiting at the snapshot, the slots' departures it needs, and
+        # the prefills this router sent there since (ahead of it in the engine's FIFO)
+        queue = (int(s.queue_depth[r]) + max(0, load + 1 - slots)) * float(s.slot_ms[r]) + self.pending_prefill(r)
         cached = min(self.matched.get(r, 0) * req.block_tokens, req.prompt_tokens)
         prefill = float(f.prefill_base_ms[r]) + float(s.prefill_ms_per_token[r]) * (req.prompt_tokens - cached)
         decode = float(s.tpot_base_ms[r]) + float(s.tpot_ms_per_batch[r]) * min(load + 1, slots)
@@ -479,7 +484,7 @@ def _result(action, reason, model, pick, retry_after=-1):
 
 
 # ------------------------------------------------------------ route / complete
-def record(snap, state, action: int, replica: int, origin: int, prefix) -> None:
+def record(snap, state, action: int, replica: int, origin: int, prefix, prefill_ms: float) -> None:
     """What route() remembers of a decision made against ``snap``."""
     f = snap.fleet
     home = int(f.home[origin])
@@ -487,6 +492,7 @@ def record(snap, state, action: int, replica: int, origin: int, prefix) -> None:
         prefix_record(state, prefix, replica)
         if snap.epoch == state.epoch:  # a late caller's stale snapshot counts nothing
             state.pending[replica] += 1
+            state.pending_prefill_ms[replica] += prefill_ms
             region = int(f.replica_region[replica])
             if region != home:
                 state.spill_pair[home * f.n_regions + region] += 1
@@ -495,11 +501,14 @@ def record(snap, state, action: int, replica: int, origin: int, prefix) -> None:
         state.queued[home] += 1
 
 
-def release(state, action: int, replica: int, epoch: int, home: int) -> None:
-    """What complete() gives back: the in-flight count (same epoch only) or the queue slot."""
+def release(state, action: int, replica: int, epoch: int, home: int, prefill_ms: float) -> None:
+    """What complete() gives back: the in-flight count and its prefill (same epoch
+    only), or the queue slot."""
     if action in (SERVE, OVERFLOW, DEGRADE):
         if replica >= 0 and epoch == state.epoch and state.pending[replica] > 0:
             state.pending[replica] -= 1
+            left = float(state.pending_prefill_ms[replica]) - prefill_ms
+            state.pending_prefill_ms[replica] = left if left > 0.0 else 0.0
     elif action == QUEUE:
         if state.queued[home] > 0:
             state.queued[home] -= 1
