@@ -210,3 +210,43 @@ def test_the_policy_registry_refuses_duplicate_names():
     with pytest.raises(ValueError):
         register(Again)
     assert len(POLICIES) == 12
+
+
+def test_the_scenario_example_in_the_docs_loads(tmp_path):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "simulator.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    path = tmp_path / "example.toml"
+    path.write_text(block)
+    scenario = load_scenario(str(path))
+    assert scenario.demand.kind == "mooncake" and scenario.demand.follow_the_sun
+    assert scenario.faults[0].kind == "brownout" and scenario.windows["brownout"] == (100.0, 200.0)
+
+
+def test_plots_are_written(tmp_path):
+    scenario = msgspec.structs.replace(default_scenario(), duration_s=20.0)
+    from geoserve.sim.report import plot
+
+    paths = plot(simulate(scenario, ["geoserve", "random"]), str(tmp_path))
+    assert len(paths) == 2 and all(Path(p).stat().st_size > 10_000 for p in paths)
+
+
+def test_the_cli_runs_the_main_job(tmp_path):
+    import subprocess
+    import sys
+
+    scenario = tmp_path / "short.toml"
+    scenario.write_text('name = "short"\nduration_s = 20.0\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "geoserve", "simulate", str(scenario), "--policies", "geoserve,nearest_region_only",
+         "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True,
+    )
+    assert "geoserve" in out.stdout and "nearest_region_only" in out.stdout
+    report = msgspec.json.decode((tmp_path / "r.json").read_bytes())
+    assert set(report["policies"]) == {"geoserve", "nearest_region_only"}
+    for p in report["policies"].values():
+        assert {"requests", "served", "overflowed", "degraded", "shed", "lost", "queued", "sla_attainment",
+                "sla_attainment_interactive", "ttft_p50_ms", "ttft_p99_ms", "completion_p99_ms", "kv_hit_rate",
+                "cross_region_fraction", "gpu_utilization", "per_class", "per_origin", "per_serving_region", "windows"} <= set(p)

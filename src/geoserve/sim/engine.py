@@ -88,7 +88,7 @@ class Simulation:
         self.heap: list = []
         self.seq = 0
         self.signal_delay_ms = 0.0
-        self.busy_samples: list = []  # (t, busy replicas per region)
+        self.slot_samples: list = []  # (t, slots in use per region), one per signal update
         self.now = 0.0
         self.end_ms = scenario.duration_s * 1000.0
 
@@ -154,18 +154,17 @@ class Simulation:
         healthy = np.empty(n, dtype=bool)
         running = np.empty(n, dtype=np.int32)
         waiting = np.empty(n, dtype=np.int32)
-        busy = [0] * self.fleet.n_regions
+        used = [0] * self.fleet.n_regions
         for i, r in enumerate(self.replicas):
             if r.alive:
                 r.last_signal_ms = t
             observed[i] = r.last_signal_ms
             healthy[i] = r.alive
             running[i], waiting[i] = r.signals(t)
-            if r.in_use:
-                busy[r.region] += 1
+            used[r.region] += r.in_use
         columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
         usable = healthy & (t - observed <= self.fleet.policy.signal_max_age_ms)
-        self.busy_samples.append((t, busy))
+        self.slot_samples.append((t, used))
         if self.signal_delay_ms > 0:
             self.push(t + self.signal_delay_ms, DELIVER, columns, usable)
         else:

@@ -154,7 +154,7 @@ def print_table(result: dict, out=sys.stdout) -> None:
 
 
 def plot(result: dict, directory: str) -> list[str]:
-    """PNG charts (needs the [sim] extra): p99 TTFT and utilization per region over time."""
+    """PNG charts (needs the [sim] extra): p99 TTFT and slot utilization per region over time."""
     import os
 
     import matplotlib
@@ -177,13 +177,13 @@ def plot(result: dict, directory: str) -> list[str]:
                     bins.setdefault(int(q.arrival_ms // bin_ms), []).append(q.ttft_ms)
                 xs = sorted(bins)
                 a.plot([x * bin_ms / 1000 for x in xs], [np.percentile(bins[x], 99) for x in xs], label=region)
-            n_rep = sum(1 for r in sim.replicas if r.region == g)
-            ts = [t / 1000 for t, _ in sim.busy_samples]
-            b.plot(ts, [busy[g] / n_rep for _, busy in sim.busy_samples], label=region)
+            slots = sum(r.slots for r in sim.replicas if r.region == g)
+            ts = [t / 1000 for t, _ in sim.slot_samples]
+            b.plot(ts, [used[g] / slots for _, used in sim.slot_samples], label=region)
         a.axhline(1200, color="grey", linestyle="--", linewidth=0.8)
         a.set_ylabel("p99 TTFT (ms), by serving region")
         a.set_yscale("log")
-        b.set_ylabel("busy replicas (share)")
+        b.set_ylabel("decode slots in use (share)")
         b.set_xlabel("simulated time (s)")
         a.legend()
         a.set_title(f"{result['scenario']['name']}: {name}")

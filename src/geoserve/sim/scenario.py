@@ -1,7 +1,8 @@
 """Scenarios as files (TOML, via msgspec): fleet, demand, faults, windows.
 
-The built-in default (:func:`default_scenario`, also ``scenarios/default.toml``
-in the docs) is the seed's service scaled down and compressed in time:
+The built-in default (:func:`default_scenario`; every field of :class:`Scenario`
+defaults to it, so an empty TOML file is the default scenario) is the seed's
+service scaled down and compressed in time:
 
 * regions us-east / eu-west / ap-northeast in the seed's 600:300:150 GPU ratio,
   kept as 16:8:4 Llama-70B replicas (TP4, 64 decode slots) plus a 2:1:1 Llama-8B
