@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from geoserve.sim.policies import RoutingPolicy, register
 from geoserve.sim.report import figures, to_json
 from geoserve.sim.scenario import DemandSpec, Fault, FleetSpec, Scenario, load_scenario
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# shared/ lies beside the repository (CI copies it there); GEOSERVE_SHARED_DATA overrides
+DATA = Path(os.environ.get("GEOSERVE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SEED = 20261128
 
 
