@@ -24,13 +24,13 @@ import numpy as np
 
 from . import _compat
 from .router import Router
-from .types import Deployment, ReplicaSpec, Request, SignalColumns, Topology
+from .types import Deployment, ModelProfile, ReplicaSpec, Request, SignalColumns, Topology
 
 REGIONS = ("us-east", "eu-west", "ap-northeast")
 RTT_MS = ((2.0, 80.0, 150.0), (80.0, 2.0, 220.0), (150.0, 220.0, 2.0))
 
 
-def fleet_topology(per_region: int, slots: int = 64) -> Topology:
+def fleet_topology(per_region: int, slots: int = 64, profile: Optional[ModelProfile] = None) -> Topology:
     """Three regions of ``per_region`` 70B replicas (the benchmark fleets: 3x64, 3x340)."""
     deployments = tuple(
         Deployment(
@@ -39,7 +39,8 @@ def fleet_topology(per_region: int, slots: int = 64) -> Topology:
         )
         for g, region in enumerate(REGIONS)
     )
-    return Topology(regions=REGIONS, rtt_ms=RTT_MS, deployments=deployments)
+    models = {"llama-70b": profile} if profile is not None else {}
+    return Topology(regions=REGIONS, rtt_ms=RTT_MS, deployments=deployments, models=models)
 
 
 def columns(router: Router, in_flight: int = 20, jitter: int = 4, seed: int = 1) -> SignalColumns:
@@ -182,8 +183,10 @@ def ring_quality(per_region: int = 64, keys: int = 20_000) -> dict:
 
 
 def bounded_load_quality(per_region: int = 64, count: int = 20_000, hot_share: float = 0.5) -> dict:
-    """max/mean in-flight when half the traffic shares one key (bounded loads at c=1.25)."""
-    router = Router(fleet_topology(per_region, slots=1_000_000))
+    """max/mean in-flight when half the traffic shares one key (bounded loads at c=1.25).
+    Prefill costs nothing here, so the load bound alone decides (not queued prefills)."""
+    free = ModelProfile(prefill_base_ms=0.0, prefill_ms_per_token=0.0)
+    router = Router(fleet_topology(per_region, slots=1_000_000, profile=free))
     snap = router.snapshot(columns(router, in_flight=0, jitter=0))
     rng = np.random.default_rng(5)
     for k in range(count):
