@@ -135,6 +135,13 @@ class Topology(_Strict):
     def profile(self, model: str) -> ModelProfile:
         return self.models.get(model) or ModelProfile()
 
+    def replicas_by_region(self) -> dict[str, list[str]]:
+        """Replica ids per region, in deployment order."""
+        out: dict[str, list[str]] = {r: [] for r in self.regions}
+        for d in self.deployments:
+            out[d.region].extend(rep.id for rep in d.replicas)
+        return out
+
     # Loading lives in config.py; these are the public spellings.
     @classmethod
     def from_file(cls, path: Any) -> "Topology":

@@ -67,10 +67,7 @@ class OutlierDetector:
 
     @classmethod
     def for_topology(cls, topology, policy: EjectionPolicy = EjectionPolicy()) -> "OutlierDetector":
-        by_region: dict[str, list[str]] = {r: [] for r in topology.regions}
-        for d in topology.deployments:
-            by_region[d.region].extend(rep.id for rep in d.replicas)
-        return cls(by_region, policy)
+        return cls(topology.replicas_by_region(), policy)
 
     # ---- the clock
     def _advance(self, b: _Breaker, now_ms: float) -> None:

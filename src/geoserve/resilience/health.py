@@ -75,10 +75,7 @@ class FleetHealth:
 
     @classmethod
     def for_topology(cls, topology, policy: HealthPolicy = HealthPolicy()) -> "FleetHealth":
-        by_region: dict[str, list[str]] = {r: [] for r in topology.regions}
-        for d in topology.deployments:
-            by_region[d.region].extend(rep.id for rep in d.replicas)
-        return cls(by_region, policy)
+        return cls(topology.replicas_by_region(), policy)
 
     def probe(self, replica: str, ok: bool, now_ms: float) -> bool:
         """A liveness or canary result for one replica."""
