@@ -30,8 +30,9 @@ extensions = [
         include_dirs=[numpy.get_include(), "src/geoserve/_core/vendor"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
+        language=language,
     )
-    for name in ("decide", "hashing")
+    for name, language in (("decide", "c"), ("hashing", "c"), ("simcore", "c++"))
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

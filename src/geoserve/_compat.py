@@ -13,7 +13,11 @@ import. ``native`` says which won. Two kernel modules, each with a twin:
     ``prefix_record(state, prefix, replica)``. The compiled module adds
     ``Boundary``, the router's request-to-decision path for the common case.
 ``hashing`` (``_core/hashing.pyx`` / ``_twin/hashing.py``)
-    ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``.
+    ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``,
+    ``ring_points(ids, vnodes)``, ``sort_ring(points, owners, starts)``.
+``simcore`` (``_core/simcore.pyx`` / ``sim/engine.py`` + ``sim/replica.py``)
+    ``Engine(simulation, progress).run()``: the simulator's event loop and replica
+    model; its twin is the Python engine itself (``Simulation(engine="python")``).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ FORCED_TWIN = os.environ.get("GEOSERVE_NO_EXTENSIONS", "") not in ("", "0")
 
 compiled_decide: Optional[ModuleType]
 compiled_hashing: Optional[ModuleType]
+compiled_simcore: Optional[ModuleType]
 try:
     from ._core import decide as compiled_decide
     from ._core import hashing as compiled_hashing
+    from ._core import simcore as compiled_simcore
 except ImportError:  # not built (an sdist without a compiler, or a source checkout)
-    compiled_decide = compiled_hashing = None
+    compiled_decide = compiled_hashing = compiled_simcore = None
 
 native = compiled_decide is not None and not FORCED_TWIN
 _TWINS = {"decide": twin_decide, "hashing": twin_hashing}

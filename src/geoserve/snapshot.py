@@ -250,8 +250,10 @@ def _count_column(values: object, n: int, name: str) -> np.ndarray:
         raise SignalError(name, "must hold integer counts, not booleans")
     if arr.dtype.kind == "f":
         _first_bad(~np.isfinite(arr) | (arr != np.floor(arr)), arr, name, "must be a whole number")
-    _first_bad((arr < 0) | (arr > 2**31 - 1), arr, name, "must be an integer >= 0")
-    return arr.astype(np.int32)
+    # the common case costs two reductions; the index of a bad value only when there is one
+    if arr.size and (arr.min() < 0 or arr.max() > 2**31 - 1):
+        _first_bad((arr < 0) | (arr > 2**31 - 1), arr, name, "must be an integer >= 0")
+    return arr if arr.dtype == np.int32 else arr.astype(np.int32)
 
 
 def _override_column(values: object, n: int, name: str, default: np.ndarray, *, positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -340,8 +342,9 @@ class Snapshot:
     def _from_columns(self, c: SignalColumns) -> tuple:
         fleet = self.fleet
         n = fleet.n_replicas
-        observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64)
-        _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
+        observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64, copy=False)
+        if np.isinf(observed).any():
+            _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
         in_flight = _count_column(c.in_flight, n, "in_flight")
         queue_depth = _count_column(c.queue_depth, n, "queue_depth")
         kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")

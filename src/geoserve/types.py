@@ -232,7 +232,7 @@ class SignalColumns(msgspec.Struct, frozen=True):
     spill: tuple[SpillAllowance, ...] = ()
 
 
-class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One request to route.
 
     ``model`` is a model, ``model@version`` or an alias; ``version`` pins a version
@@ -240,7 +240,8 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block hashes (see :mod:`geoserve.prefix`), ``block_tokens`` tokens each; a NumPy
     uint64 array is accepted as is. ``exclude`` lists replica ids already tried;
     ``waited_ms`` is the time the request already spent queued (it comes out of
-    the budget).
+    the budget). Not tracked by the cyclic GC (``gc=False``): a request refers to
+    strings, ints and a hash array, never back to anything that refers to it.
     """
 
     model: str
@@ -259,7 +260,7 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 ACTIONS = ("serve", "overflow", "queue", "degrade", "shed")
 
 
-class Decision(msgspec.Struct, frozen=True):
+class Decision(msgspec.Struct, frozen=True, gc=False):
     """Where a request goes and why.
 
     ``action`` is one of ``serve``, ``overflow``, ``queue``, ``degrade``, ``shed``;
@@ -268,6 +269,8 @@ class Decision(msgspec.Struct, frozen=True):
     budget it was checked against. ``fallbacks`` are replica ids to try, in order,
     if the primary fails before its first byte. ``epoch`` and ``replica_index`` let
     :meth:`Router.complete` release exactly what :meth:`Router.route` recorded.
+    Not tracked by the cyclic GC (``gc=False``): a gateway makes one per request,
+    and a decision refers only to its request, strings and tuples - no cycles.
     """
 
     action: str

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import _compat
 from ..router import Router
 from ..types import SignalColumns
 from .demand import SimRequest, assign_origins, follow_the_sun, load_azure, load_mooncake, scale_rate, synthetic
@@ -65,7 +66,17 @@ def build_demand(scenario: Scenario, rng: np.random.Generator) -> list[SimReques
 class Simulation:
     """One scenario, one policy, one seed."""
 
-    def __init__(self, scenario: Scenario, policy: str, requests: Optional[list[SimRequest]] = None) -> None:
+    def __init__(self, scenario: Scenario, policy: str, requests: Optional[list[SimRequest]] = None,
+                 engine: Optional[str] = None) -> None:
+        """``engine``: ``"native"`` (the compiled twin of this class's loop, the default
+        when the kernels are built), ``"python"``, or ``None`` for the default."""
+        if engine not in (None, "native", "python"):
+            raise ValueError(f"engine must be 'native' or 'python', got {engine!r}")
+        if engine is None:
+            engine = "native" if _compat.native and _compat.compiled_simcore is not None else "python"
+        if engine == "native" and _compat.compiled_simcore is None:
+            raise ImportError("the compiled simulator engine is not built")
+        self.engine = engine
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
         self.scenario = scenario
@@ -98,6 +109,10 @@ class Simulation:
         heapq.heappush(self.heap, (t, kind, self.seq, a, b))
 
     def run(self, progress: Optional[Callable[[float], None]] = None) -> list[SimRequest]:
+        if self.engine == "native":
+            _compat.compiled_simcore.Engine(self, progress).run()
+            self._check_conservation()
+            return self.requests
         s = self.scenario
         end_ms = s.duration_s * 1000.0
         self._schedule_faults()
@@ -135,7 +150,7 @@ class Simulation:
             elif kind == FAIL:
                 self._failed(a, b, t)
             elif kind == FAULT:
-                a(t)
+                self._fault(*a, t)
         self.end_ms = max(self.now, end_ms)
         if progress:
             progress(1.0)
@@ -245,29 +260,44 @@ class Simulation:
         req.completion_ms = math.nan
 
     # ------------------------------------------------------------ faults
-    def _schedule_faults(self) -> None:
+    def fault_schedule(self) -> list:
+        """The faults as (time ms, op, replica indices, value), op in down/up/slow/delay,
+        in the order both engines push them."""
         regions = self.fleet.topology.regions
+        ops = []
         for fault in self.scenario.faults:
             start, end = fault.start_s * 1000.0, fault.end_s * 1000.0
+            members = tuple(r.index for r in self.replicas if regions[r.region] == fault.region)
             if fault.kind == "outage":
-                members = [r for r in self.replicas if regions[r.region] == fault.region]
-                self.push(start, FAULT, lambda t, m=members: self._down(m, t))
-                self.push(end, FAULT, lambda t, m=members: self._up(m, t))
+                ops += [(start, "down", members, 0.0), (end, "up", members, 0.0)]
             elif fault.kind == "brownout":
-                members = [r for r in self.replicas if regions[r.region] == fault.region]
-                self.push(start, FAULT, lambda t, m=members, f=fault.factor: self._slow(m, f, t))
-                self.push(end, FAULT, lambda t, m=members: self._slow(m, 1.0, t))
+                ops += [(start, "slow", members, fault.factor), (end, "slow", members, 1.0)]
             elif fault.kind == "flap":
-                member = [self.replicas[self.fleet.replica_index[fault.replica]]]
+                one = (self.fleet.replica_index[fault.replica],)
                 t, down = start, True
                 while t < end:
-                    self.push(t, FAULT, (lambda t, m=member: self._down(m, t)) if down else (lambda t, m=member: self._up(m, t)))
+                    ops.append((t, "down" if down else "up", one, 0.0))
                     t += fault.period_s * 1000.0
                     down = not down
-                self.push(end, FAULT, lambda t, m=member: self._up(m, t))
+                ops.append((end, "up", one, 0.0))
             elif fault.kind == "signal_delay":
-                self.push(start, FAULT, lambda t, d=fault.delay_ms: setattr(self, "signal_delay_ms", d))
-                self.push(end, FAULT, lambda t: setattr(self, "signal_delay_ms", 0.0))
+                ops += [(start, "delay", (), fault.delay_ms), (end, "delay", (), 0.0)]
+        return ops
+
+    def _schedule_faults(self) -> None:
+        for t, op, members, value in self.fault_schedule():
+            self.push(t, FAULT, (op, members, value))
+
+    def _fault(self, op: str, members: tuple, value: float, t: float) -> None:
+        replicas = [self.replicas[i] for i in members]
+        if op == "down":
+            self._down(replicas, t)
+        elif op == "up":
+            self._up(replicas, t)
+        elif op == "slow":
+            self._slow(replicas, value, t)
+        else:
+            self.signal_delay_ms = value
 
     def _down(self, members, t: float) -> None:
         for replica in members:
@@ -299,7 +329,7 @@ class Simulation:
             raise AssertionError("terminal states do not add up to the requests")
 
 
-def simulate(scenario: Scenario, policies=None, progress=None) -> dict:
+def simulate(scenario: Scenario, policies=None, progress=None, engine: Optional[str] = None) -> dict:
     """Run every policy on the same demand; return the report (see report.py)."""
     from .report import report
 
@@ -308,7 +338,7 @@ def simulate(scenario: Scenario, policies=None, progress=None) -> dict:
     results = {}
     for name in names:
         requests = _fresh(base.requests)
-        sim = Simulation(scenario, name, requests)
+        sim = Simulation(scenario, name, requests, engine=engine)
         started = time.perf_counter()
         sim.run((lambda f, name=name: progress(name, f)) if progress else None)
         sim.wall_s = time.perf_counter() - started

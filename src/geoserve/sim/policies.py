@@ -206,9 +206,9 @@ class Geoserve(RoutingPolicy):
         if req.decision is not None and req.decision.action == "queue":
             self.router.complete(req.decision)  # it asks again: give back the queue slot
         request = Request(
-            model=req.model, origin=req.origin, priority=req.priority, prompt_tokens=req.prompt_tokens,
-            max_tokens=req.output_tokens, session=req.session, prefix=req.prefix, block_tokens=req.block_tokens,
-            exclude=tuple(self.ids[r] for r in req.tried), waited_ms=now - req.arrival_ms,
+            req.model, req.origin, req.priority, None, req.prompt_tokens, req.output_tokens, req.session,
+            req.prefix, req.block_tokens, tuple([self.ids[r] for r in req.tried]) if req.tried else (),
+            now - req.arrival_ms,
         )
         d = self.router.route(request, self.snapshot)
         req.decision = d

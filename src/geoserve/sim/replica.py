@@ -166,7 +166,8 @@ class Replica:
 
     def fail_all(self, now: float) -> list:
         """An outage: every request here is dropped; the replica comes back empty and cold."""
-        dropped = list(self.waiting) + list(self.prefilling.values()) + [entry[2] for entry in self.decoding]
+        # in request-id order: the outcome must not depend on container internals
+        dropped = sorted([*self.waiting, *self.prefilling.values(), *(entry[2] for entry in self.decoding)], key=lambda q: q.id)
         self.waiting.clear()
         self.prefilling.clear()
         self.decoding = []

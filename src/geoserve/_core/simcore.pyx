@@ -1,0 +1,544 @@
+# distutils: language = c++
+# cython: language_level=3
+"""The simulator's event loop and replica model, compiled: the twin of
+``geoserve/sim/engine.py`` and ``geoserve/sim/replica.py``.
+
+Same events, same keys ``(time, kind, seq)``, the same float expressions in the
+same order, the same canonical orders (an outage drops requests by id), so both
+engines produce byte-identical reports (``tests/test_sim_engines.py``). Policies
+stay Python objects and are called exactly where the Python engine calls them;
+requests stay ``SimRequest`` objects, whose fields the policies read are kept
+current (``replica`` before ``complete``, ``tried`` after a failure) and the rest
+are written back at the end.
+"""
+
+from libc.math cimport NAN, isnan
+from libc.stdint cimport int64_t, uint64_t
+from libcpp.deque cimport deque
+from libcpp.pair cimport pair
+from libcpp.queue cimport priority_queue
+from libcpp.unordered_map cimport unordered_map
+from libcpp.unordered_set cimport unordered_set
+from libcpp.vector cimport vector
+from libcpp.algorithm cimport sort
+from cython.operator cimport dereference as deref
+
+import numpy as np
+
+from geoserve.types import SignalColumns
+
+cdef enum:
+    FAULT = 0
+    SIGNAL = 1
+    DELIVER = 2
+    COMPLETE = 3
+    PREFILL = 4
+    FAIL = 5
+    REACH = 6
+    RETRY = 7
+    ARRIVAL = 8
+
+cdef enum:
+    NONE = 0
+    SERVED = 1
+    OVERFLOWED = 2
+    DEGRADED = 3
+    SHED = 4
+    LOST = 5
+
+OUTCOMES = ("", "served", "overflowed", "degraded", "shed", "lost")
+
+ctypedef pair[double, pair[int64_t, int64_t]] Entry  # (-t, (-(kind << 40 | seq), seq))
+ctypedef pair[double, pair[int64_t, int]] Decoder  # (-finish, (-seq, request))
+
+
+cdef class Engine:
+    # --- the simulation's Python side
+    cdef object sim, policy, progress, reqs, fault_ops, deliveries
+    cdef list replica_region_names, model_names
+    # --- requests
+    cdef vector[double] arrival, ttft, completion
+    cdef vector[int64_t] prompt, output, block_tokens, cached, ids
+    cdef vector[int] origin, attempts, replica, outcome, queued, region, model
+    cdef vector[int64_t] blocks_at
+    cdef vector[uint64_t] blocks
+    # --- replicas
+    cdef int n_rep
+    cdef vector[int] r_region, r_slots, r_in_use, r_batch, r_model
+    cdef vector[bint] r_alive
+    cdef vector[double] r_slow, r_prefill_free_at, r_virtual, r_virtual_at, r_busy_since, r_busy_ms, r_last_signal
+    cdef vector[int64_t] r_version, r_seq, r_served, r_cache_blocks
+    cdef vector[uint64_t] r_clock
+    cdef vector[deque[int]] r_waiting
+    cdef vector[unordered_set[int]] r_prefilling
+    cdef vector[priority_queue[Decoder]] r_decoding
+    cdef vector[unordered_map[uint64_t, uint64_t]] r_cache
+    cdef vector[deque[pair[uint64_t, int]]] r_uses
+    # --- latency models, by model index
+    cdef vector[vector[double]] lat_x, lat_y
+    cdef vector[double] lat_slope, lat_tpot_base, lat_tpot_batch
+    # --- network, events
+    cdef vector[double] one_way  # [origin * n_regions + region]
+    cdef int n_regions
+    cdef priority_queue[Entry] heap
+    cdef vector[int64_t] ev_a, ev_b
+    cdef int64_t seq, pending_work
+    cdef double now, signal_interval, signal_delay, end_ms, max_age
+    cdef int max_attempts
+
+    def __init__(self, sim, progress=None):
+        self.sim = sim
+        self.policy = sim.policy
+        self.progress = progress
+        self.reqs = sim.requests
+        fleet = sim.fleet
+        regions = list(fleet.topology.regions)
+        self.n_regions = len(regions)
+        self.replica_region_names = regions
+        self.model_names = list(fleet.models)
+        self.signal_interval = sim.scenario.signal_interval_ms
+        self.max_attempts = sim.scenario.max_attempts
+        self.max_age = fleet.policy.signal_max_age_ms
+        self.end_ms = sim.scenario.duration_s * 1000.0
+        self.deliveries = {}
+        cdef int g, o
+        for o in range(len(fleet.locations)):
+            for g in range(self.n_regions):
+                self.one_way.push_back(sim.one_way[o][g])
+        # requests
+        for q in self.reqs:
+            self.ids.push_back(q.id)
+            self.arrival.push_back(q.arrival_ms)
+            self.prompt.push_back(q.prompt_tokens)
+            self.output.push_back(q.output_tokens)
+            self.block_tokens.push_back(q.block_tokens)
+            self.origin.push_back(fleet.location_index[q.origin])
+            self.blocks_at.push_back(self.blocks.size())
+            for h in q.blocks:
+                self.blocks.push_back(h)
+            self.ttft.push_back(NAN)
+            self.completion.push_back(NAN)
+            self.cached.push_back(0)
+            self.attempts.push_back(0)
+            self.replica.push_back(-1)
+            self.outcome.push_back(NONE)
+            self.queued.push_back(0)
+            self.region.push_back(-1)
+            self.model.push_back(-1)
+        self.blocks_at.push_back(self.blocks.size())
+        # latency models: one per fleet model, read from the Python replicas' models
+        cdef vector[double] xs, ys
+        models = {}
+        for rep in sim.replicas:
+            m = int(fleet.replica_model[rep.index])
+            if m not in models:
+                models[m] = rep.latency
+        for m in range(len(self.model_names)):
+            lat = models.get(m)
+            xs.clear()
+            ys.clear()
+            if lat is not None:
+                for v in lat._x:
+                    xs.push_back(v)
+                for v in lat._y:
+                    ys.push_back(v)
+                self.lat_slope.push_back(lat._slope)
+                self.lat_tpot_base.push_back(lat.tpot_base_ms)
+                self.lat_tpot_batch.push_back(lat.tpot_ms_per_batch)
+            else:
+                self.lat_slope.push_back(0.0)
+                self.lat_tpot_base.push_back(0.0)
+                self.lat_tpot_batch.push_back(0.0)
+            self.lat_x.push_back(xs)
+            self.lat_y.push_back(ys)
+        # replicas
+        self.n_rep = len(sim.replicas)
+        self.r_waiting.resize(self.n_rep)
+        self.r_prefilling.resize(self.n_rep)
+        self.r_decoding.resize(self.n_rep)
+        self.r_cache.resize(self.n_rep)
+        self.r_uses.resize(self.n_rep)
+        for rep in sim.replicas:
+            self.r_region.push_back(rep.region)
+            self.r_slots.push_back(rep.slots)
+            self.r_model.push_back(int(fleet.replica_model[rep.index]))
+            self.r_in_use.push_back(0)
+            self.r_batch.push_back(0)
+            self.r_alive.push_back(True)
+            self.r_slow.push_back(1.0)
+            self.r_prefill_free_at.push_back(0.0)
+            self.r_virtual.push_back(0.0)
+            self.r_virtual_at.push_back(0.0)
+            self.r_busy_since.push_back(-1.0)
+            self.r_busy_ms.push_back(0.0)
+            self.r_last_signal.push_back(0.0)
+            self.r_version.push_back(0)
+            self.r_seq.push_back(0)
+            self.r_served.push_back(0)
+            self.r_cache_blocks.push_back(rep.cache_blocks)
+            self.r_clock.push_back(0)
+        self.fault_ops = sim.fault_schedule()
+
+    # ---------------------------------------------------------------- events
+    cdef void push(self, double t, int kind, int64_t a, int64_t b):
+        self.seq += 1
+        self.ev_a.push_back(a)
+        self.ev_b.push_back(b)
+        self.heap.push(Entry(-t, pair[int64_t, int64_t](-((<int64_t>kind << 40) | self.seq), self.seq)))
+        if kind == RETRY or kind == FAIL or kind == REACH or kind == PREFILL or kind == COMPLETE:
+            self.pending_work += 1
+
+    def run(self):
+        cdef int64_t i = 0, n = len(self.reqs), s
+        cdef int kind
+        cdef double t, top_t
+        cdef int top_kind
+        cdef int64_t tick = max(1, n // 50)
+        for k, (ft, op, members, value) in enumerate(self.fault_ops):
+            self.push(ft, FAULT, k, 0)
+        self.push(0.0, SIGNAL, 0, 0)
+        while i < n or not self.heap.empty():
+            if not self.heap.empty():
+                top_t = -self.heap.top().first
+                top_kind = <int>((-self.heap.top().second.first) >> 40)
+            if i < n and (self.heap.empty() or self.arrival[i] < top_t or (self.arrival[i] == top_t and top_kind > ARRIVAL)):
+                i += 1
+                if self.progress is not None and i % tick == 0:
+                    self.progress(i / n)
+                self._route(i - 1, self.arrival[i - 1])
+                continue
+            t = -self.heap.top().first
+            kind = <int>((-self.heap.top().second.first) >> 40)
+            s = self.heap.top().second.second
+            self.heap.pop()
+            if kind == RETRY or kind == FAIL or kind == REACH or kind == PREFILL or kind == COMPLETE:
+                self.pending_work -= 1
+            self.now = t
+            if kind == COMPLETE:
+                self._complete(<int>self.ev_a[s - 1], self.ev_b[s - 1], t)
+            elif kind == PREFILL:
+                self._prefill_done(<int>self.ev_a[s - 1], <int>self.ev_b[s - 1], t)
+            elif kind == REACH:
+                self._reach(<int>self.ev_a[s - 1], <int>self.ev_b[s - 1], t)
+            elif kind == SIGNAL:
+                self._signal(t)
+                if t < self.end_ms or i < n or self._work_left():
+                    self.push(t + self.signal_interval, SIGNAL, 0, 0)
+            elif kind == DELIVER:
+                columns, usable = self.deliveries.pop(s)
+                self.policy.on_signals(columns, usable)
+            elif kind == RETRY:
+                self._route(<int>self.ev_a[s - 1], t)
+            elif kind == FAIL:
+                self._failed(<int>self.ev_a[s - 1], <int>self.ev_b[s - 1], t)
+            elif kind == FAULT:
+                self._fault(<int>self.ev_a[s - 1], t)
+        self._write_back()
+        if self.progress is not None:
+            self.progress(1.0)
+
+    cdef bint _work_left(self):
+        cdef int r
+        for r in range(self.n_rep):
+            if self.r_in_use[r] or not self.r_waiting[r].empty():
+                return True
+        return self.pending_work > 0
+
+    # ---------------------------------------------------------------- signals
+    cdef void _signal(self, double t) except *:
+        cdef int r, backlog
+        observed = np.empty(self.n_rep)
+        healthy = np.empty(self.n_rep, dtype=bool)
+        running = np.empty(self.n_rep, dtype=np.int32)
+        waiting = np.empty(self.n_rep, dtype=np.int32)
+        cdef double[::1] obs = observed
+        cdef unsigned char[::1] ok = healthy.view(np.uint8)
+        cdef int[::1] run_v = running, wait_v = waiting
+        used = [0] * self.n_regions
+        for r in range(self.n_rep):
+            if self.r_alive[r]:
+                self.r_last_signal[r] = t
+            obs[r] = self.r_last_signal[r]
+            ok[r] = self.r_alive[r]
+            backlog = <int>self.r_prefilling[r].size() - (1 if (not self.r_prefilling[r].empty() and self.r_prefill_free_at[r] > t) else 0)
+            run_v[r] = self.r_in_use[r] - backlog
+            wait_v[r] = <int>self.r_waiting[r].size() + backlog
+            used[self.r_region[r]] += self.r_in_use[r]
+        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
+        usable = healthy & (t - observed <= self.max_age)
+        self.sim.slot_samples.append((t, used))
+        if self.signal_delay > 0:
+            self.push(t + self.signal_delay, DELIVER, 0, 0)
+            self.deliveries[self.seq] = (columns, usable)
+        else:
+            self.policy.on_signals(columns, usable)
+
+    # ---------------------------------------------------------------- replica model
+    cdef double prefill_ms(self, int m, double tokens):
+        cdef vector[double]* x = &self.lat_x[m]
+        cdef vector[double]* y = &self.lat_y[m]
+        cdef int n = x.size(), lo, hi, mid
+        if tokens <= 0:
+            return 0.0
+        if tokens <= x[0][0]:
+            return y[0][0]
+        if tokens >= x[0][n - 1]:
+            return y[0][n - 1] + self.lat_slope[m] * (tokens - x[0][n - 1])
+        lo = 0
+        hi = n
+        while lo < hi:  # bisect_left
+            mid = (lo + hi) // 2
+            if x[0][mid] < tokens:
+                lo = mid + 1
+            else:
+                hi = mid
+        return y[0][lo - 1] + (y[0][lo] - y[0][lo - 1]) * (tokens - x[0][lo - 1]) / (x[0][lo] - x[0][lo - 1])
+
+    cdef inline double step_ms(self, int r, int batch):
+        cdef int m = self.r_model[r]
+        return (self.lat_tpot_base[m] + self.lat_tpot_batch[m] * batch) * self.r_slow[r]
+
+    cdef inline void advance(self, int r, double now):
+        if self.r_batch[r]:
+            self.r_virtual[r] += (now - self.r_virtual_at[r]) / self.step_ms(r, self.r_batch[r])
+        self.r_virtual_at[r] = now
+
+    cdef int64_t cache_lookup(self, int r, int q):
+        cdef unordered_map[uint64_t, uint64_t]* cache = &self.r_cache[r]
+        cdef int64_t lo = self.blocks_at[q], hi = self.blocks_at[q + 1], k, hits = 0
+        cdef uint64_t stamp
+        for k in range(lo, hi):
+            if cache.count(self.blocks[k]):
+                hits += 1
+            else:
+                break
+        self.r_clock[r] += 1
+        stamp = self.r_clock[r]
+        for k in range(lo, hi):
+            cache[0][self.blocks[k]] = stamp
+        self.r_uses[r].push_back(pair[uint64_t, int](stamp, q))
+        if <int64_t>cache.size() > self.r_cache_blocks[r]:
+            self.evict(r)
+        hits = hits * self.block_tokens[q]
+        return hits if hits < self.prompt[q] else self.prompt[q]
+
+    cdef void evict(self, int r):
+        cdef unordered_map[uint64_t, uint64_t]* cache = &self.r_cache[r]
+        cdef deque[pair[uint64_t, int]]* uses = &self.r_uses[r]
+        cdef pair[uint64_t, int] use
+        cdef int64_t k
+        cdef unordered_map[uint64_t, uint64_t].iterator it
+        while <int64_t>cache.size() > self.r_cache_blocks[r] and not uses.empty():
+            use = uses.front()
+            uses.pop_front()
+            for k in range(self.blocks_at[use.second], self.blocks_at[use.second + 1]):
+                it = cache.find(self.blocks[k])
+                if it != cache.end() and deref(it).second == use.first:
+                    cache.erase(it)
+
+    cdef double start(self, int r, int q, double now):
+        cdef double begin, end
+        cdef int64_t c
+        if self.r_in_use[r] == 0:
+            self.r_busy_since[r] = now
+        self.r_in_use[r] += 1
+        self.r_prefilling[r].insert(q)
+        c = self.cache_lookup(r, q)
+        self.cached[q] = c
+        begin = now if now > self.r_prefill_free_at[r] else self.r_prefill_free_at[r]
+        end = begin + self.prefill_ms(self.r_model[r], <double>(self.prompt[q] - c)) * self.r_slow[r]
+        self.r_prefill_free_at[r] = end
+        return end
+
+    cdef double admit(self, int r, int q, double now):
+        if self.r_in_use[r] < self.r_slots[r]:
+            return self.start(r, q, now)
+        self.r_waiting[r].push_back(q)
+        return -1.0
+
+    cdef double join_decode(self, int r, int q, double now):
+        self.r_prefilling[r].erase(q)
+        self.advance(r, now)
+        self.r_batch[r] += 1
+        self.r_seq[r] += 1
+        self.r_decoding[r].push(Decoder(-(self.r_virtual[r] + <double>self.output[q]), pair[int64_t, int](-self.r_seq[r], q)))
+        return now + self.step_ms(r, self.r_batch[r])
+
+    cdef double next_completion(self, int r):
+        cdef double finish, gap
+        self.r_version[r] += 1
+        if self.r_decoding[r].empty():
+            return -1.0
+        finish = -self.r_decoding[r].top().first
+        gap = finish - self.r_virtual[r]
+        return self.r_virtual_at[r] + (gap if gap > 0.0 else 0.0) * self.step_ms(r, self.r_batch[r])
+
+    cdef void reschedule(self, int r):
+        cdef double t_next = self.next_completion(r)
+        if t_next >= 0:
+            self.push(t_next, COMPLETE, r, self.r_version[r])
+
+    # ---------------------------------------------------------------- requests
+    cdef double back(self, int q):
+        return self.one_way[self.origin[q] * self.n_regions + self.r_region[self.replica[q]]]
+
+    cdef void _route(self, int q, double t) except *:
+        cdef int r
+        cdef double retry_after
+        req = self.reqs[q]
+        self.attempts[q] += 1
+        req.attempts = self.attempts[q]
+        action, r, retry_after = self.policy.route(req, t)
+        if action == "queue":
+            self.queued[q] += 1
+            self.push(t + (retry_after if retry_after > 1.0 else 1.0), RETRY, q, 0)
+            return
+        if action == "shed" or action == "lost" or r < 0:
+            self._terminal(q, SHED if action == "shed" else LOST)
+            return
+        self.replica[q] = r
+        req.replica = r
+        self.region[q] = self.r_region[r]
+        self.model[q] = self.r_model[r]
+        self.outcome[q] = SERVED if action == "serve" else (OVERFLOWED if action == "overflow" else DEGRADED)
+        self.push(t + self.one_way[self.origin[q] * self.n_regions + self.r_region[r]], REACH, q, self.attempts[q])
+
+    cdef void _reach(self, int q, int attempt, double t) except *:
+        cdef int r = self.replica[q]
+        cdef double end
+        if not self.r_alive[r]:
+            self.push(t + self.back(q), FAIL, q, attempt)
+            return
+        end = self.admit(r, q, t)
+        if end >= 0:
+            self.push(end, PREFILL, q, attempt)
+
+    cdef void _prefill_done(self, int q, int attempt, double t) except *:
+        cdef int r = self.replica[q]
+        cdef double first
+        if self.attempts[q] != attempt or r < 0 or not self.r_prefilling[r].count(q):
+            return
+        first = self.join_decode(r, q, t)
+        self.ttft[q] = first + self.back(q) - self.arrival[q]
+        self.reschedule(r)
+
+    cdef void _complete(self, int r, int64_t version, double t) except *:
+        cdef vector[int] done
+        cdef int q, k
+        cdef double end
+        if version != self.r_version[r]:
+            return
+        self.advance(r, t)
+        while not self.r_decoding[r].empty() and -self.r_decoding[r].top().first <= self.r_virtual[r] + 1e-9:
+            done.push_back(self.r_decoding[r].top().second.second)
+            self.r_decoding[r].pop()
+        self.r_batch[r] -= done.size()
+        self.r_in_use[r] -= done.size()
+        self.r_served[r] += done.size()
+        if self.r_in_use[r] == 0 and self.r_busy_since[r] >= 0:
+            self.r_busy_ms[r] += t - self.r_busy_since[r]
+            self.r_busy_since[r] = -1.0
+        for k in range(done.size()):
+            q = done[k]
+            self.completion[q] = t + self.back(q) - self.arrival[q]
+            self.policy.complete(self.reqs[q], True)
+        while not self.r_waiting[r].empty() and self.r_in_use[r] < self.r_slots[r]:
+            q = self.r_waiting[r].front()
+            self.r_waiting[r].pop_front()
+            end = self.start(r, q, t)
+            self.push(end, PREFILL, q, self.attempts[q])
+        self.reschedule(r)
+
+    cdef void _failed(self, int q, int attempt, double t) except *:
+        if self.attempts[q] != attempt:
+            return
+        req = self.reqs[q]
+        self.policy.complete(req, False)
+        if not isnan(self.ttft[q]):  # failed after its first token: never retried
+            self._terminal(q, LOST)
+            return
+        req.tried = req.tried + (self.replica[q],)
+        if self.attempts[q] < self.max_attempts:
+            self._route(q, t)
+        else:
+            self._terminal(q, LOST)
+
+    cdef void _terminal(self, int q, int outcome) except *:
+        self.outcome[q] = outcome
+        self.replica[q] = -1
+        self.reqs[q].replica = -1
+        self.ttft[q] = NAN
+        self.completion[q] = NAN
+
+    # ---------------------------------------------------------------- faults
+    cdef void _fault(self, int k, double t) except *:
+        cdef int r
+        _, op, members, value = self.fault_ops[k]
+        if op == "delay":
+            self.signal_delay = value
+            return
+        for r in members:
+            if op == "down":
+                self._down(r, t)
+            elif op == "up":
+                self.r_alive[r] = True
+            else:
+                self.advance(r, t)
+                self.r_slow[r] = value
+                self.reschedule(r)
+
+    cdef void _down(self, int r, double t) except *:
+        cdef vector[pair[int64_t, int]] dropped  # (request id, index)
+        cdef int k, q
+        if not self.r_alive[r]:
+            return
+        self.r_alive[r] = False
+        for k in range(self.r_waiting[r].size()):
+            q = self.r_waiting[r][k]
+            dropped.push_back(pair[int64_t, int](self.ids[q], q))
+        for q in self.r_prefilling[r]:
+            dropped.push_back(pair[int64_t, int](self.ids[q], q))
+        while not self.r_decoding[r].empty():
+            q = self.r_decoding[r].top().second.second
+            dropped.push_back(pair[int64_t, int](self.ids[q], q))
+            self.r_decoding[r].pop()
+        sort(dropped.begin(), dropped.end())  # by request id: the Python engine's order
+        self.r_waiting[r].clear()
+        self.r_prefilling[r].clear()
+        self.r_batch[r] = 0
+        self.r_version[r] += 1
+        self.r_virtual_at[r] = t
+        if self.r_busy_since[r] >= 0:
+            self.r_busy_ms[r] += t - self.r_busy_since[r]
+            self.r_busy_since[r] = -1.0
+        self.r_in_use[r] = 0
+        self.r_prefill_free_at[r] = t
+        self.r_cache[r].clear()
+        self.r_uses[r].clear()
+        for k in range(dropped.size()):
+            q = dropped[k].second
+            self.push(t + self.back(q), FAIL, q, self.attempts[q])
+
+    # ---------------------------------------------------------------- results
+    cdef void _write_back(self) except *:
+        cdef int q, r
+        sim = self.sim
+        for q in range(len(self.reqs)):
+            req = self.reqs[q]
+            req.outcome = OUTCOMES[self.outcome[q]]
+            req.ttft_ms = self.ttft[q]
+            req.completion_ms = self.completion[q]
+            req.cached_tokens = self.cached[q]
+            req.queued = self.queued[q]
+            req.attempts = self.attempts[q]
+            req.replica = self.replica[q]
+            if self.region[q] >= 0:
+                req.region = self.replica_region_names[self.region[q]]
+                req.model_used = self.model_names[self.model[q]]
+        for r in range(self.n_rep):
+            rep = sim.replicas[r]
+            rep.busy_ms = self.r_busy_ms[r]
+            rep.busy_since = self.r_busy_since[r]
+            rep.served = self.r_served[r]
+        sim.now = self.now
+        sim.end_ms = self.now if self.now > self.end_ms else self.end_ms
