@@ -98,7 +98,15 @@ class RoutingPolicy:
         self.outstanding[r] += 1
 
     def route(self, req, now: float):  # -> (action, replica, retry_after_ms)
-        raise NotImplementedError
+        """The candidates the deployment gives this policy (GeoDNS failover
+        included), then the policy's own choice among them."""
+        cands = self.pool(req)
+        if not cands:
+            return ("lost", -1, 0.0)
+        return self.choose(req, cands)
+
+    def choose(self, req, cands: list):  # -> (action, replica, retry_after_ms)
+        raise NotImplementedError(f"{type(self).__name__} must implement choose() or route()")
 
     def pick(self, req, r: int):
         if r < 0:
@@ -225,9 +233,8 @@ class Geoserve(RoutingPolicy):
 class RandomPolicy(RoutingPolicy):
     name = "random"
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        return self.pick(req, cands[int(self.rng.integers(len(cands)))] if cands else -1)
+    def choose(self, req, cands):
+        return self.pick(req, cands[int(self.rng.integers(len(cands)))])
 
 
 @register
@@ -238,10 +245,7 @@ class RoundRobin(RoutingPolicy):
         super().__init__(sim)
         self.next = [0] * len(self.pools)
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         g = self.region_of[cands[0]]
         r = cands[self.next[g] % len(cands)]
         self.next[g] += 1
@@ -254,9 +258,8 @@ class LeastRequest(RoutingPolicy):
 
     name = "least_request_p2c"
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        return self.pick(req, self.p2c(cands, self.outstanding.__getitem__) if cands else -1)
+    def choose(self, req, cands):
+        return self.pick(req, self.p2c(cands, self.outstanding.__getitem__))
 
 
 @register
@@ -269,10 +272,7 @@ class ConsistentHash(RoutingPolicy):
         super().__init__(sim)
         self.ring = _Ring(self)
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         allowed = set(cands)
         for r in self.ring.walk(self.region_of[cands[0]], _key(req)):
             if r in allowed:
@@ -291,10 +291,7 @@ class BoundedConsistentHash(RoutingPolicy):
         super().__init__(sim)
         self.ring = _Ring(self)
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         allowed = set(cands)
         load = self.outstanding
         average = sum(load[r] for r in cands) / len(cands)
@@ -319,10 +316,7 @@ class SGLangCacheAware(RoutingPolicy):
         super().__init__(sim)
         self.index = PrefixIndex()
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         load = self.outstanding
         loads = [load[r] for r in cands]
         lo, hi = min(loads), max(loads)
@@ -354,10 +348,7 @@ class LlmdScorer(RoutingPolicy):
         super().__init__(sim)
         self.index = PrefixIndex()
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         q = self.queue_depth
         kv = [self.in_flight[r] / self.slots[r] for r in cands]
         fresh = [r for r, k in zip(cands, kv) if max(q[r] / 5.0, k / 0.8) < 1.0]
@@ -394,10 +385,7 @@ class DynamoKV(RoutingPolicy):
         self.prefill_blocks = [0] * n
         self.decode_blocks = [0] * n
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         matched = self.index.match(req.blocks)
         blocks = len(req.prefix)
         best, best_cost = cands[0], math.inf
@@ -440,10 +428,7 @@ class RayPrefix(RoutingPolicy):
     def _queue(self, r):
         return self.in_flight[r] + self.since[r]
 
-    def route(self, req, now):
-        cands = self.pool(req)
-        if not cands:
-            return self.pick(req, -1)
+    def choose(self, req, cands):
         queues = [self._queue(r) for r in cands]
         choice = -1
         if max(queues) - min(queues) <= 10 and len(req.prefix):
