@@ -89,19 +89,22 @@ class Router:
         """Membership change: rebuild tables and rings; carry the state over by replica id."""
         old_fleet, old_state = self.fleet, self.state
         fleet = Fleet(topology, policy if policy is not None else old_fleet.policy)
-        state = RouterState.for_fleet(fleet)
         with old_state.lock:
+            same_size = fleet.policy.prefix_index_entries == len(old_state.prefix)
+            # the old state is retired with the old fleet: its prefix table is adopted
+            state = RouterState(fleet.n_replicas, fleet.n_regions, fleet.policy.prefix_index_entries,
+                                prefix_table=old_state.prefix if same_size else None)
             remap = np.array([fleet.replica_index.get(rid, -1) for rid in old_fleet.replica_ids] + [-1], dtype=np.int32)
             kept = remap[:-1] >= 0
-            state.pending[remap[:-1][kept]] = old_state.pending[kept]
-            state.pending_prefill_ms[remap[:-1][kept]] = old_state.pending_prefill_ms[kept]
+            for name in ("pending", "pending_prefill_ms", "prefill_ewma_ms"):
+                getattr(state, name)[remap[:-1][kept]] = getattr(old_state, name)[kept]
             old_regions = old_fleet.topology.regions
             for g, name in enumerate(fleet.topology.regions):
                 if name in old_regions:
                     state.queued[g] = old_state.queued[old_regions.index(name)]
-            if len(state.prefix) == len(old_state.prefix):
-                state.prefix[...] = old_state.prefix
-                state.prefix["owner"] = remap[old_state.prefix["owner"]]  # -1 stays -1 (last entry)
+            if same_size:
+                owners = state.prefix["owner"]
+                owners[...] = remap[owners]  # -1 stays -1 (the last entry)
                 state.clock[:] = old_state.clock
         self._set_fleet(fleet, state)
 

@@ -9,6 +9,10 @@
 * ``pending_prefill_ms[r]`` - the predicted prefill of those requests: work the
   engine has not started, as far as the router knows, and that a later request to
   r waits behind (its FIFO); epoch-scoped like ``pending``.
+* ``prefill_ewma_ms[r]`` - a running mean (weight 1/16) of the prefills this router
+  predicted for what it sent to r (NaN before the first): what one request waiting
+  in r's queue costs while r has free slots (the queue is then prefill backlog).
+  Not epoch-scoped: it is an estimate, not a count.
 * ``spill_pair`` / ``spill_total`` - overflow admitted since that snapshot, per
   (origin region, rescuer) and per rescuer, spent against the snapshot's spill
   allowance; epoch-scoped like ``pending``.
@@ -40,11 +44,17 @@ WAYS = 4
 PREFIX_ENTRY = np.dtype([("key", "<u8"), ("owner", "<i4", (WAYS,)), ("stamp", "<u8", (WAYS,)), ("pad", "u1", (8,))])
 assert PREFIX_ENTRY.itemsize == 64
 # Every array a RouterState holds (copy(), tests that compare two states).
-STATE_ARRAYS = ("pending", "pending_prefill_ms", "spill_pair", "spill_total", "queued", "prefix", "clock")
+STATE_ARRAYS = ("pending", "pending_prefill_ms", "prefill_ewma_ms", "spill_pair", "spill_total", "queued", "prefix", "clock")
+EWMA_WEIGHT = 1.0 / 16.0  # of the newest prefill in prefill_ewma_ms
 
 
 class RouterState:
-    def __init__(self, n_replicas: int, n_regions: int, prefix_entries: int = 1 << 16) -> None:
+    def __init__(self, n_replicas: int, n_regions: int, prefix_entries: int = 1 << 16,
+                 prefix_table: "np.ndarray | None" = None) -> None:
+        """``prefix_table``: adopt an existing prefix index (a membership change keeps
+        its 4 MB table and remaps the owners in place instead of copying it)."""
+        if prefix_table is not None:
+            prefix_entries = len(prefix_table)
         if prefix_entries < 16 or prefix_entries & (prefix_entries - 1):
             raise ValueError("prefix_entries must be a power of two >= 16")
         self.n_replicas = n_replicas
@@ -52,11 +62,17 @@ class RouterState:
         self.epoch = -1
         self.pending = np.zeros(n_replicas, dtype=np.int32)
         self.pending_prefill_ms = np.zeros(n_replicas, dtype=np.float64)
+        self.prefill_ewma_ms = np.full(n_replicas, np.nan, dtype=np.float64)
         self.spill_pair = np.zeros(n_regions * n_regions, dtype=np.int32)
         self.spill_total = np.zeros(n_regions, dtype=np.int32)
         self.queued = np.zeros(n_regions, dtype=np.int32)
-        self.prefix = np.zeros(prefix_entries, dtype=PREFIX_ENTRY)
-        self.prefix["owner"] = -1
+        if prefix_table is not None:
+            if prefix_table.dtype != PREFIX_ENTRY:
+                raise ValueError("prefix_table must be a PREFIX_ENTRY array")
+            self.prefix = prefix_table
+        else:
+            self.prefix = np.zeros(prefix_entries, dtype=PREFIX_ENTRY)
+            self.prefix["owner"] = -1
         self.clock = np.zeros(1, dtype=np.uint64)
         self.lock = threading.Lock()
         self._native: object = None  # the kernel's pointer view, built on first use

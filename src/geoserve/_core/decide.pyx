@@ -9,7 +9,7 @@ acquiring a dozen memoryviews per call would cost more than the scan.
 """
 
 cimport numpy as cnp
-from libc.math cimport ceil, floor, INFINITY
+from libc.math cimport ceil, floor, INFINITY, isnan
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 
@@ -122,6 +122,7 @@ cdef struct PrefixEntry:
 cdef struct StateC:
     int32_t* pending
     double* pending_prefill_ms
+    double* prefill_ewma_ms
     int32_t* spill_pair
     int32_t* spill_total
     int32_t* queued
@@ -290,10 +291,11 @@ cdef class StateView:
     cdef tuple arrays
 
     def __cinit__(self, state):
-        self.arrays = (state.pending, state.pending_prefill_ms, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
+        self.arrays = (state.pending, state.pending_prefill_ms, state.prefill_ewma_ms, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
         cdef int i32 = cnp.NPY_INT32, u64 = cnp.NPY_UINT64
         self.st.pending = <int32_t*>_ptr(state.pending, i32, "pending")
         self.st.pending_prefill_ms = <double*>_ptr(state.pending_prefill_ms, cnp.NPY_FLOAT64, "pending_prefill_ms")
+        self.st.prefill_ewma_ms = <double*>_ptr(state.prefill_ewma_ms, cnp.NPY_FLOAT64, "prefill_ewma_ms")
         self.st.spill_pair = <int32_t*>_ptr(state.spill_pair, i32, "spill_pair")
         self.st.spill_total = <int32_t*>_ptr(state.spill_total, i32, "spill_total")
         self.st.queued = <int32_t*>_ptr(state.queued, i32, "queued")
@@ -468,6 +470,15 @@ cdef inline bint _admitted(const ModelC* m, int r) noexcept nogil:
     return <double>_load(m, r) < m.req.ceiling * <double>m.s.rows[r].decode_slots
 
 
+cdef inline double _queue_ms(const ModelC* m, int r, const Row* row, int64_t extra) noexcept nogil:
+    # the twin's predict(): waiting requests cost a departure each when the slots are
+    # full, else a prefill each; then the departures needed; then this router's sends
+    cdef double ewma = m.st.prefill_ewma_ms[r]
+    cdef double each = row.slot_ms if (row.in_flight >= row.decode_slots or isnan(ewma)) else ewma
+    return (<double>row.queue_depth * each + <double>extra * row.slot_ms
+            + (m.st.pending_prefill_ms[r] if m.live else 0.0))
+
+
 cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noexcept nogil:
     cdef const Row* row = &m.s.rows[r]
     cdef const ReqC* req = m.req
@@ -480,7 +491,7 @@ cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noex
     if batch > slots:
         batch = slots
     out.network = m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
-    out.queue = <double>(row.queue_depth + extra) * row.slot_ms + (m.st.pending_prefill_ms[r] if m.live else 0.0)
+    out.queue = _queue_ms(m, r, row, extra)
     cached = _matched(m, r) * req.block_tokens
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
@@ -505,7 +516,7 @@ cdef inline double _ttft(const ModelC* m, int r, int64_t load) noexcept nogil:
     if cached > req.prompt_tokens:
         cached = req.prompt_tokens
     return (m.f.rtt_ms[req.origin * m.f.n_locations + row.region]
-            + (<double>(row.queue_depth + extra) * row.slot_ms + (m.st.pending_prefill_ms[r] if m.live else 0.0))
+            + _queue_ms(m, r, row, extra)
             + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(req.prompt_tokens - cached))
             + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
 
@@ -665,7 +676,6 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
     # pointers, so the compiler could not otherwise keep them in registers.
     cdef const Row* rows = m.s.rows
     cdef const int32_t* pending = m.st.pending
-    cdef const double* pending_prefill = m.st.pending_prefill_ms
     cdef const int32_t* exclude = m.req.exclude
     cdef Py_ssize_t n_exclude = m.req.n_exclude
     cdef bint live = m.live
@@ -723,7 +733,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
         if cached > prompt:
             cached = prompt
         # the same expression, in the same order, as _predict and the twin's predict
-        ttft = (network + (<double>(row.queue_depth + extra) * row.slot_ms + (pending_prefill[r] if live else 0.0))
+        ttft = (network + _queue_ms(m, r, row, extra)
                 + (row.prefill_base_ms + row.prefill_ms_per_token * <double>(prompt - cached))
                 + (row.tpot_base_ms + row.tpot_ms_per_batch * <double>batch))
         if ttft < best_ttft:
@@ -979,8 +989,11 @@ cdef void _record(const FleetC* f, const SnapC* s, StateC* st, int64_t state_epo
                   int origin, const uint64_t* prefix, Py_ssize_t n_prefix, double prefill_ms) noexcept nogil:
     cdef int home = f.home[origin]
     cdef int region
+    cdef double ewma
     if action == SERVE or action == OVERFLOW or action == DEGRADE:
         _prefix_record(st, prefix, n_prefix, replica)
+        ewma = st.prefill_ewma_ms[replica]
+        st.prefill_ewma_ms[replica] = prefill_ms if isnan(ewma) else ewma + (prefill_ms - ewma) * (1.0 / 16.0)
         if s.epoch == state_epoch:  # a late caller's stale snapshot counts nothing
             st.pending[replica] += 1
             st.pending_prefill_ms[replica] += prefill_ms

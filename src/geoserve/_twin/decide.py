@@ -48,7 +48,7 @@ from .._codes import (
     SHED,
 )
 from .._hashing import mix64
-from ..state import PROBE, WAYS
+from ..state import EWMA_WEIGHT, PROBE, WAYS
 
 INF = math.inf
 _OK = 0
@@ -220,9 +220,13 @@ class _Model:
         s, f, req = self.snap, self.f, self.req
         slots = int(f.decode_slots[r])
         network = float(f.rtt_ms[req.origin, f.replica_region[r]])
-        # behind: what was waiting at the snapshot, the slots' departures it needs, and
-        # the prefills this router sent there since (ahead of it in the engine's FIFO)
-        queue = (int(s.queue_depth[r]) + max(0, load + 1 - slots)) * float(s.slot_ms[r]) + self.pending_prefill(r)
+        # behind: what was waiting at the snapshot (a slot departure each when the slots
+        # are full, else a prefill each: the queue is then prefill backlog), the
+        # departures it needs itself, and the prefills this router sent there since
+        slot_ms = float(s.slot_ms[r])
+        ewma = float(self.state.prefill_ewma_ms[r])
+        each = slot_ms if (int(s.in_flight[r]) >= slots or math.isnan(ewma)) else ewma
+        queue = int(s.queue_depth[r]) * each + max(0, load + 1 - slots) * slot_ms + self.pending_prefill(r)
         cached = min(self.matched.get(r, 0) * req.block_tokens, req.prompt_tokens)
         prefill = float(f.prefill_base_ms[r]) + float(s.prefill_ms_per_token[r]) * (req.prompt_tokens - cached)
         decode = float(s.tpot_base_ms[r]) + float(s.tpot_ms_per_batch[r]) * min(load + 1, slots)
@@ -490,6 +494,8 @@ def record(snap, state, action: int, replica: int, origin: int, prefix, prefill_
     home = int(f.home[origin])
     if action in (SERVE, OVERFLOW, DEGRADE):
         prefix_record(state, prefix, replica)
+        ewma = float(state.prefill_ewma_ms[replica])
+        state.prefill_ewma_ms[replica] = prefill_ms if math.isnan(ewma) else ewma + (prefill_ms - ewma) * EWMA_WEIGHT
         if snap.epoch == state.epoch:  # a late caller's stale snapshot counts nothing
             state.pending[replica] += 1
             state.pending_prefill_ms[replica] += prefill_ms
