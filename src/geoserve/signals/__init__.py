@@ -1,0 +1,153 @@
+"""Engine load signals: Prometheus ``/metrics`` of vLLM and SGLang -> ReplicaSignal.
+
+``pip install "geoserve[signals]"`` (prometheus_client). The text is parsed with
+``prometheus_client``'s own parser, not by hand. What is read:
+
+| signal | vLLM (V0 and V1 names) | SGLang |
+|---|---|---|
+| ``in_flight`` | ``vllm:num_requests_running`` | ``sglang:num_running_reqs`` |
+| ``queue_depth`` | ``vllm:num_requests_waiting`` | ``sglang:num_queue_reqs`` |
+| KV usage (0..1) | ``vllm:kv_cache_usage_perc`` (V1), ``vllm:gpu_cache_usage_perc`` (V0) | ``sglang:token_usage`` |
+
+A series repeated with the same labels counts once (the last value); series that
+differ by label (vLLM V1's ``engine="<i>"`` under data parallelism) are summed for
+the counts and averaged for KV usage; ``model`` filters on ``model_name``.
+Missing metrics or unparsable text raise :class:`geoserve.SignalError`.
+
+:class:`MetricsPoller` scrapes many replicas at once with a timeout each; a replica
+that does not answer is a failed probe in a :class:`~geoserve.resilience.FleetHealth`
+(so one lost scrape does not drop it: hysteresis), and keeps its last good load,
+observed when it was good, so it turns ``stale`` in the snapshot if it stays silent.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Optional
+
+import msgspec
+
+from ..errors import SignalError
+from ..resilience.health import FleetHealth
+from ..types import ReplicaSignal, Signals
+
+__all__ = ["EngineLoad", "parse_metrics", "to_signal", "MetricsPoller", "ENGINES"]
+
+ENGINES = {
+    "vllm": {
+        "running": ("vllm:num_requests_running",),
+        "waiting": ("vllm:num_requests_waiting",),
+        "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    },
+    "sglang": {
+        "running": ("sglang:num_running_reqs",),
+        "waiting": ("sglang:num_queue_reqs",),
+        "kv_usage": ("sglang:token_usage",),
+    },
+}
+
+
+class EngineLoad(msgspec.Struct, frozen=True):
+    engine: str
+    running: int
+    waiting: int
+    kv_usage: Optional[float] = None  # 0..1, None when the engine did not say
+
+
+def _samples(text: str) -> dict[str, dict[tuple, float]]:
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:  # pragma: no cover - the [signals] extra
+        raise ImportError("engine signals need the [signals] extra: pip install 'geoserve[signals]'") from None
+    out: dict[str, dict[tuple, float]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    except (ValueError, TypeError, IndexError) as err:
+        raise SignalError("<metrics>", f"not Prometheus text: {err}") from None
+    return out
+
+
+def parse_metrics(text: str, engine: str = "auto", model: Optional[str] = None) -> EngineLoad:
+    """The load an engine reports in its /metrics text."""
+    samples = _samples(text)
+    if engine == "auto":
+        engine = next((e for e, names in ENGINES.items() if names["running"][0] in samples), "")
+        if not engine:
+            raise SignalError("<metrics>", "neither vLLM nor SGLang metrics found")
+    if engine not in ENGINES:
+        raise SignalError("engine", f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+
+    def values(field: str) -> list[float]:
+        for name in ENGINES[engine][field]:
+            series = samples.get(name)
+            if series is None:
+                continue
+            picked = [v for labels, v in series.items() if model is None or dict(labels).get("model_name") == model]
+            if picked:
+                for v in picked:
+                    if not math.isfinite(v) or v < 0:
+                        raise SignalError(field, f"{name} is {v!r}")
+                return picked
+        return []
+
+    running, waiting, kv = values("running"), values("waiting"), values("kv_usage")
+    if not running or not waiting:
+        missing = ENGINES[engine]["running" if not running else "waiting"][0]
+        raise SignalError("running" if not running else "waiting", f"{missing} is missing" + (f" for model {model!r}" if model else ""))
+    return EngineLoad(engine, int(round(sum(running))), int(round(sum(waiting))), (sum(kv) / len(kv)) if kv else None)
+
+
+def to_signal(replica: str, load: EngineLoad, observed_ms: float, kv_blocks: Optional[int] = None) -> ReplicaSignal:
+    """A ReplicaSignal from an engine's load (free KV blocks when the capacity is known)."""
+    free = None
+    if load.kv_usage is not None and kv_blocks is not None:
+        free = max(0, int(round((1.0 - min(1.0, load.kv_usage)) * kv_blocks)))
+    return ReplicaSignal(replica=replica, observed_ms=observed_ms, in_flight=load.running,
+                         queue_depth=load.waiting, kv_free_blocks=free)
+
+
+class MetricsPoller:
+    """Scrape every replica's /metrics concurrently, each with a timeout."""
+
+    def __init__(self, targets: Mapping[str, str], *, engine: str = "auto", timeout_s: float = 0.5,
+                 health: Optional[FleetHealth] = None, kv_blocks: Optional[Mapping[str, int]] = None,
+                 model: Optional[str] = None, workers: int = 16) -> None:
+        self.targets = dict(targets)  # replica id -> metrics URL
+        self.engine = engine
+        self.timeout_s = timeout_s
+        self.health = health
+        self.kv_blocks = dict(kv_blocks or {})
+        self.model = model
+        self.last: dict[str, ReplicaSignal] = {}
+        self.errors: dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="geoserve-metrics")
+
+    def _fetch(self, url: str) -> str:
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:  # noqa: S310 (operator-given URLs)
+            return response.read(4 << 20).decode("utf-8", "replace")
+
+    def poll(self, now_ms: float) -> Signals:
+        """One round: fresh signals for the replicas that answered; the last good one
+        (aging towards ``stale``) for those that did not; probes into ``health``."""
+        futures = {rid: self.pool.submit(self._fetch, url) for rid, url in self.targets.items()}
+        for rid, future in futures.items():
+            try:
+                load = parse_metrics(future.result(), self.engine, self.model)
+            except (OSError, SignalError, ValueError) as err:
+                self.errors[rid] = f"{type(err).__name__}: {err}"
+                ok = False
+            else:
+                self.errors.pop(rid, None)
+                self.last[rid] = to_signal(rid, load, now_ms, self.kv_blocks.get(rid))
+                ok = True
+            if self.health is not None and rid in self.health.replicas:
+                self.health.probe(rid, ok, now_ms)
+        signals = Signals(now_ms=now_ms, replicas=tuple(self.last.values()))
+        return self.health.apply(signals) if self.health is not None else signals
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
