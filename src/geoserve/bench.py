@@ -69,7 +69,6 @@ class Case:
     replicas: int
     native: Optional[Callable[[], object]] = None
     python: Optional[Callable[[], object]] = None
-    calls: int = 1  # operations per callable invocation (for per-operation times)
     extra: dict = field(default_factory=dict)
 
 

@@ -33,8 +33,8 @@ class SimRequest:
         "id", "arrival_ms", "origin", "priority", "model", "prompt_tokens", "output_tokens", "session",
         "prefix", "blocks", "block_tokens", "peak",
         # what happened
-        "attempts", "tried", "queued", "waited_ms", "outcome", "region", "replica", "model_used", "version",
-        "ttft_ms", "completion_ms", "cached_tokens", "budget_ms", "started_ms", "decision",
+        "attempts", "tried", "queued", "outcome", "region", "replica", "model_used",
+        "ttft_ms", "completion_ms", "cached_tokens", "decision",
     )
 
     def __init__(self, id: int, arrival_ms: float, origin: str, prompt_tokens: int, output_tokens: int,
@@ -55,17 +55,13 @@ class SimRequest:
         self.attempts = 0
         self.tried: tuple = ()
         self.queued = 0
-        self.waited_ms = 0.0
         self.outcome = ""  # served, overflowed, degraded, shed, lost
         self.region = ""
         self.replica = -1
         self.model_used = ""
-        self.version = None
         self.ttft_ms = math.nan
         self.completion_ms = math.nan
         self.cached_tokens = 0
-        self.budget_ms = math.nan
-        self.started_ms = 0.0
         self.decision = None
 
 
