@@ -7,6 +7,8 @@
   ``--signals`` every replica is idle and healthy.
 * ``geoserve simulate [SCENARIO] [--policies a,b] [--json FILE] [--plot DIR]`` - the
   global fleet simulation (geoserve.sim), the project's main job.
+* ``geoserve fake-replica [--port P] [--speed X]`` - an OpenAI-compatible fake
+  replica paced like a 70B (geoserve.testing; the [gateway] extra).
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
 """
 
@@ -99,6 +101,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fake_replica(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .testing import FakeReplica
+
+    async def serve() -> None:
+        replica = FakeReplica(args.model, speed=args.speed, slots=args.slots, replica_id=args.id)
+        port = await replica.start(args.host, args.port)
+        print(f"fake replica {args.id} ({args.model}, speed x{args.speed:g}) on http://{args.host}:{port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await replica.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geoserve", description="Latency-SLA-aware multi-region LLM routing.")
     parser.add_argument("--version", action="version", version=f"geoserve {__version__} (native={native})")
@@ -119,6 +142,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts (needs the [sim] extra)")
     p.set_defaults(run=_simulate)
+    p = sub.add_parser("fake-replica", help="an OpenAI-compatible fake replica paced like a 70B (needs [gateway])")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--model", default="llama-70b")
+    p.add_argument("--speed", type=float, default=1.0, help="divide every duration by this (10 = ten times faster)")
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--id", default="fake-0", help="the replica id it reports")
+    p.set_defaults(run=_fake_replica)
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)
