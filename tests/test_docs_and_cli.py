@@ -58,3 +58,11 @@ def test_cli_decide_prints_a_decision_as_json(tmp_path):
     request.write_text(json.dumps({"model": "gpt-9", "origin": "eu-west"}))
     out = subprocess.run([sys.executable, "-m", "geoserve", "decide", str(path), "--request", str(request)], capture_output=True, text=True)
     assert out.returncode == 2 and "UnknownModel" in out.stderr and "model:" in out.stderr
+
+
+def test_the_readme_example_runs(capsys):
+    text = (DOCS.parent / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.split()
+    assert out[0] == "serve" and out[1] == "ap-northeast" and out[-1] == "affinity"
