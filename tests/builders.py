@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import geoserve as g
+
+# shared/ lies beside the repository (CI copies it there); GEOSERVE_SHARED_DATA overrides
+DATA = Path(os.environ.get("GEOSERVE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 REGIONS = ("us", "eu", "ap")
 RTT = ((2.0, 80.0, 150.0), (80.0, 2.0, 220.0), (150.0, 220.0, 2.0))

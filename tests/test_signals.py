@@ -1,18 +1,15 @@
 """Engine signal adapters: the real vLLM and SGLang samples, V1 names, bad input, a poller over HTTP."""
 
 import http.server
-import os
 import threading
-from pathlib import Path
 
 import pytest
 
 import geoserve as g
-from builders import topology
+from builders import DATA, topology
 from geoserve.resilience import FleetHealth, HealthPolicy
 from geoserve.signals import MetricsPoller, parse_metrics, to_signal
 
-DATA = Path(os.environ.get("GEOSERVE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 VLLM = (DATA / "metrics" / "vllm_metrics.txt").read_text()
 SGLANG = (DATA / "metrics" / "sglang_metrics.txt").read_text()
 

@@ -2,7 +2,6 @@
 
 import csv
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from geoserve.sim.policies import RoutingPolicy, register
 from geoserve.sim.report import figures, to_json
 from geoserve.sim.scenario import DemandSpec, Fault, FleetSpec, Scenario, load_scenario
 
-# shared/ lies beside the repository (CI copies it there); GEOSERVE_SHARED_DATA overrides
-DATA = Path(os.environ.get("GEOSERVE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from builders import DATA
 SEED = 20261128
 
 
@@ -93,7 +91,7 @@ def _small(policy, **demand):
     )
     sim = Simulation(scenario, policy)
     sim.run()
-    return figures(sim.requests)
+    return figures(sim.requests, sim.fleet)
 
 
 def test_more_prefix_reuse_gives_a_higher_hit_rate():

@@ -10,6 +10,7 @@ bad input: the kernels only ever see validated arrays.
 from __future__ import annotations
 
 __all__ = [
+    "count",
     "GeoserveError",
     "ConfigError",
     "SignalError",
@@ -62,3 +63,14 @@ class UnknownLocation(RequestError):
 
 class UnknownPriority(RequestError):
     """The priority class is not defined in the topology."""
+
+
+def count(value: object, field: str, error: type = GeoserveError, limit: int = 1 << 31) -> int:
+    """A non-negative integer count no larger than ``limit``, or ``error`` naming ``field``."""
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise error(field, f"must be an integer >= 0, got {value!r}")
+    if value > limit:
+        raise error(field, f"{value} is larger than {limit}")
+    return int(value)

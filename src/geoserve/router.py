@@ -21,7 +21,7 @@ import xxhash
 from . import _compat
 from ._codes import ACTION_NAMES, DEGRADE, OVERFLOW, QUEUE, REASON_NAMES, SERVE
 
-from .errors import RequestError, UnknownLocation, UnknownPriority
+from .errors import RequestError, UnknownLocation, UnknownPriority, count
 from .snapshot import Fleet, Snapshot
 from .state import RouterState
 from .types import Decision, Policy, Request, SignalColumns, Signals, Topology
@@ -264,8 +264,4 @@ class Router:
 
 
 def _count(value: object, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise RequestError(field, f"must be an integer >= 0, got {value!r}")
-    if value > 1 << 31:
-        raise RequestError(field, f"{value} is larger than any request")
-    return int(value)
+    return count(value, field, RequestError)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._compat import kernels
 from .config import split_model_ref, validate_topology
-from .errors import ConfigError, SignalError
+from .errors import ConfigError, SignalError, count
 from .types import Policy, SignalColumns, Signals, Topology
 
 __all__ = ["Fleet", "Snapshot", "STATUS_NAMES"]
@@ -156,6 +156,18 @@ class Fleet:
         self.ring_start = np.ascontiguousarray(self.group_start * vnodes).astype(np.int32)
         self.ring_points, self.ring_owner = hashing.sort_ring(points, owners, self.ring_start)
 
+    def budgets(self, model: int, priority: int, prompt_tokens: int) -> tuple[float, float]:
+        """Local and cross-region TTFT budgets of a class for a prompt, before time
+        waited: ``max(B, cold prefill + B - inference share)`` (docs/api.md). The twin
+        subtracts ``waited_ms``; the kernel computes the same expression."""
+        share = self.policy.inference_share_ms
+        cold = float(self.model_prefill_base_ms[model]) + float(self.model_prefill_ms_per_token[model]) * prompt_tokens
+        local = float(self.class_local_budget_ms[priority])
+        cross = float(self.class_cross_budget_ms[priority])
+        stretched_local = cold + (local - share)
+        stretched_cross = cold + (cross - share)
+        return (local if local >= stretched_local else stretched_local), (cross if cross >= stretched_cross else stretched_cross)
+
     # Lookups used at the boundary (never inside a kernel).
     def resolve_model(self, name: str) -> tuple[int, int]:
         """A model, ``model@version`` or alias -> (model index, version index or -1)."""
@@ -203,9 +215,7 @@ def _validate_policy(p: Policy) -> None:
 
 
 def _count(value: object, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise SignalError(field, f"must be an integer >= 0, got {value!r}")
-    return int(value)
+    return count(value, field, SignalError)
 
 
 def _duration(value: object, field: str, *, positive: bool = False) -> float:

@@ -382,15 +382,8 @@ class _Model:
 
     def budgets(self) -> tuple[float, float]:
         """Local and cross-region TTFT budgets, stretched for long prompts, less time waited."""
-        f, req = self.f, self.req
-        share = f.policy.inference_share_ms
-        cold = float(f.model_prefill_base_ms[self.model]) + float(f.model_prefill_ms_per_token[self.model]) * req.prompt_tokens
-        local, cross = req.local_budget, req.cross_budget
-        stretched_local = cold + (local - share)
-        stretched_cross = cold + (cross - share)
-        b_local = (local if local >= stretched_local else stretched_local) - req.waited_ms
-        b_cross = (cross if cross >= stretched_cross else stretched_cross) - req.waited_ms
-        return b_local, b_cross
+        b_local, b_cross = self.f.budgets(self.model, self.req.priority, self.req.prompt_tokens)
+        return b_local - self.req.waited_ms, b_cross - self.req.waited_ms
 
 
 def _rank(ranked: list, ttft: float, r: int, keep: int) -> None:

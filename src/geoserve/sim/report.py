@@ -26,19 +26,13 @@ from typing import Optional
 
 import numpy as np
 
-from ..types import DEFAULT_PRIORITIES
 
 ANSWERED = ("served", "overflowed", "degraded")
-COLD_PREFILL = (7.7, 0.107)  # the router's 70B profile: the budget stretching rule's "cold prefill"
-INFERENCE_SHARE_MS = 600.0
-
-
-def budgets(req) -> tuple[float, float]:
-    c = DEFAULT_PRIORITIES.get(req.priority, DEFAULT_PRIORITIES["interactive"])
-    cold = COLD_PREFILL[0] + COLD_PREFILL[1] * req.prompt_tokens
-    local = max(c.local_budget_ms, cold + c.local_budget_ms - INFERENCE_SHARE_MS)
-    cross = max(c.cross_budget_ms, cold + c.cross_budget_ms - INFERENCE_SHARE_MS)
-    return local, cross
+def budgets(req, fleet) -> tuple[float, float]:
+    """The request's budgets by the router's own rule (``Fleet.budgets``): its class,
+    the requested model's profile, the policy's inference share."""
+    model, _ = fleet.resolve_model(req.model)
+    return fleet.budgets(model, fleet.priority_index[req.priority], req.prompt_tokens)
 
 
 def _r(x: Optional[float]):
@@ -47,7 +41,7 @@ def _r(x: Optional[float]):
     return float(f"{x:.6g}")
 
 
-def figures(reqs: list) -> dict:
+def figures(reqs: list, fleet) -> dict:
     """The figures for a set of requests (every map of the report holds these)."""
     n = len(reqs)
     counts = {k: 0 for k in ("served", "overflowed", "degraded", "shed", "lost")}
@@ -59,7 +53,7 @@ def figures(reqs: list) -> dict:
         interactive = q.priority == "interactive"
         n_i += interactive
         if q.outcome in ANSWERED:
-            b_local, b_cross = budgets(q)
+            b_local, b_cross = budgets(q, fleet)
             ok = q.ttft_ms <= b_cross
             met += ok
             met_i += ok and interactive
@@ -89,7 +83,8 @@ def figures(reqs: list) -> dict:
 def policy_report(scenario, sim) -> dict:
     reqs = sim.requests
     regions = list(scenario.fleet.regions)
-    out = figures(reqs)
+    fleet = sim.fleet
+    out = figures(reqs, fleet)
     span = sim.end_ms
     util = {}
     for g, region in enumerate(regions):
@@ -97,14 +92,14 @@ def policy_report(scenario, sim) -> dict:
         busy = sum(r.busy_until(span) for r in members)
         util[region] = _r(busy / (len(members) * span)) if members else None
     out["gpu_utilization"] = util
-    out["per_class"] = {c: figures([q for q in reqs if q.priority == c]) for c in sorted({q.priority for q in reqs})}
-    out["per_origin"] = {g: figures([q for q in reqs if q.origin == g]) for g in regions}
-    out["per_serving_region"] = {g: figures([q for q in reqs if q.region == g]) for g in regions}
-    windows = {"peak": figures([q for q in reqs if q.peak])}
+    out["per_class"] = {c: figures([q for q in reqs if q.priority == c], fleet) for c in sorted({q.priority for q in reqs})}
+    out["per_origin"] = {g: figures([q for q in reqs if q.origin == g], fleet) for g in regions}
+    out["per_serving_region"] = {g: figures([q for q in reqs if q.region == g], fleet) for g in regions}
+    windows = {"peak": figures([q for q in reqs if q.peak], fleet)}
     for name, (start, end) in sorted(scenario.windows.items()):
-        windows[name] = figures([q for q in reqs if start * 1000.0 <= q.arrival_ms < end * 1000.0])
-        windows[name]["by_origin"] = {g: figures([q for q in reqs if q.origin == g and start * 1000.0 <= q.arrival_ms < end * 1000.0]) for g in regions}
-        windows[name]["by_serving_region"] = {g: figures([q for q in reqs if q.region == g and start * 1000.0 <= q.arrival_ms < end * 1000.0]) for g in regions}
+        windows[name] = figures([q for q in reqs if start * 1000.0 <= q.arrival_ms < end * 1000.0], fleet)
+        windows[name]["by_origin"] = {g: figures([q for q in reqs if q.origin == g and start * 1000.0 <= q.arrival_ms < end * 1000.0], fleet) for g in regions}
+        windows[name]["by_serving_region"] = {g: figures([q for q in reqs if q.region == g and start * 1000.0 <= q.arrival_ms < end * 1000.0], fleet) for g in regions}
     out["windows"] = windows
     out["wall_s"] = _r(getattr(sim, "wall_s", 0.0))
     return out
