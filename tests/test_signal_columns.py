@@ -77,3 +77,89 @@ def test_bad_columns_name_the_column_and_replica(column, values, field):
     with pytest.raises(g.SignalError) as err:
         r.snapshot(g.SignalColumns(**base))
     assert err.value.field == field
+
+
+# ---- the compiled column derivation against the reference (snapshot.derive_columns)
+from hypothesis import given, strategies as st  # noqa: E402
+
+from geoserve import _compat  # noqa: E402
+from geoserve.snapshot import derive_columns  # noqa: E402
+
+FLOATS = (0.0, 1.5, 31.0, -2.0, math.nan, math.inf, -math.inf, 1e300)
+TIMES = (0.0, -1000.0, -5000.0, -5001.0, 100.0, math.nan, math.inf)
+COUNTS = (0, 1, 7, 2**31 - 1, -1)
+DERIVED = ("status", "in_flight", "queue_depth", "kv_free_blocks", "prefill_ms_per_token", "tpot_base_ms",
+           "tpot_ms_per_batch", "service_ms", "slot_ms")
+
+
+def _fleet_router():
+    from builders import deployment
+    deps = [deployment("m", "v1", "us", 3, slots=4), deployment("m", "v1", "eu", 2, slots=16),
+            deployment("small", "v1", "ap", 2, slots=1)]
+    return g.Router(topology(deps, models={"small": g.ModelProfile(mean_service_ms=500.0)}))
+
+
+@st.composite
+def column_updates(draw, n):
+    def col(values, dtype, optional=True):
+        if optional and draw(st.booleans()):
+            return None
+        return np.array(draw(st.lists(st.sampled_from(values), min_size=n, max_size=n)), dtype=dtype)
+
+    return g.SignalColumns(
+        now_ms=draw(st.sampled_from((0.0, 3.0, 10_000.0))),
+        observed_ms=col(TIMES, np.float64, optional=False),
+        in_flight=col(COUNTS, np.int32, optional=False),
+        queue_depth=col(COUNTS, np.int32, optional=False),
+        healthy=col((True, False), bool),
+        draining=col((True, False), bool),
+        kv_free_blocks=col(COUNTS, np.int32),
+        prefill_ms_per_token=col(FLOATS, np.float64),
+        tpot_ms=col(FLOATS, np.float64),
+        mean_service_ms=col(FLOATS, np.float64),
+    )
+
+
+@pytest.mark.skipif(_compat.compiled_decide is None, reason="compiled kernels not built")
+@given(data=st.data())
+def test_compiled_derivation_matches_the_reference(data):
+    router = _fleet_router()
+    fleet = router.fleet
+    columns = data.draw(column_updates(fleet.n_replicas))
+    compiled = _compat.compiled_decide.derive_columns(fleet, columns.now_ms, columns)
+    try:
+        reference = derive_columns(fleet, columns.now_ms, columns)
+    except g.SignalError:
+        assert compiled is None  # the reference names the error; the fast path stepped aside
+        return
+    assert compiled is not None  # exact dtypes and valid values: the fast path must take them
+    for name, a, b in zip(DERIVED, compiled, reference):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+
+
+@pytest.mark.skipif(_compat.compiled_decide is None, reason="compiled kernels not built")
+@pytest.mark.parametrize("column,values", [
+    ("in_flight", np.array([1, 2, 3, 4, 5, 6, 7], dtype=np.int64)),
+    ("in_flight", [1, 2, 3, 4, 5, 6, 7]),
+    ("observed_ms", np.zeros(7, dtype=np.float32)),
+    ("observed_ms", np.zeros(14)[::2]),
+    ("healthy", np.ones(7, dtype=np.int32)),
+    ("in_flight", np.zeros(6, dtype=np.int32)),
+])
+def test_other_dtypes_and_shapes_take_the_reference_path(column, values):
+    router = _fleet_router()
+    n = router.fleet.n_replicas
+    base = dict(now_ms=0.0, observed_ms=np.zeros(n), in_flight=np.zeros(n, np.int32), queue_depth=np.zeros(n, np.int32))
+    base[column] = values
+    columns = g.SignalColumns(**base)
+    assert _compat.compiled_decide.derive_columns(router.fleet, 0.0, columns) is None
+    try:
+        expected = derive_columns(router.fleet, 0.0, columns)
+    except g.SignalError as e:
+        with pytest.raises(g.SignalError, match=str(e.field).replace("[", r"\[").replace("]", r"\]")):
+            router.snapshot(columns)
+        return
+    snap = router.snapshot(columns)  # the router falls back to the reference
+    for name, b in zip(DERIVED, expected):
+        assert np.array_equal(getattr(snap, name), b), name

@@ -83,7 +83,7 @@ class Router:
         with self._epoch_lock:
             self._epoch += 1
             epoch = self._epoch
-        return Snapshot(self.fleet, signals, epoch)
+        return Snapshot(self.fleet, signals, epoch, getattr(self.kernels, "derive_columns", None))
 
     def update_topology(self, topology: Topology, policy: Optional[Policy] = None) -> None:
         """Membership change: rebuild tables and rings; carry the state over by replica id."""

@@ -21,7 +21,7 @@ owned: consistent hashing, Karger et al. STOC'97).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from .config import split_model_ref, validate_topology
 from .errors import ConfigError, SignalError, count
 from .types import Policy, SignalColumns, Signals, Topology
 
-__all__ = ["Fleet", "Snapshot", "STATUS_NAMES"]
+__all__ = ["Fleet", "Snapshot", "STATUS_NAMES", "derive_columns"]
 
 # Replica status codes (the kernels test ``status == OK``).
 OK, UNHEALTHY, DRAINING, STALE, NO_SIGNAL = 0, 1, 2, 3, 4
@@ -129,6 +129,14 @@ class Fleet:
         self.region_slots = np.bincount(
             self.replica_region, weights=self.decode_slots, minlength=self.n_regions
         ).astype(np.int32)
+        # an update without region signals: every region up, no spill limit (read only)
+        self.no_region_signals = (
+            np.ones(self.n_regions, dtype=np.uint8),
+            np.full(self.n_regions * self.n_regions, math.inf),
+            np.full(self.n_regions, math.inf),
+        )
+        for arr in self.no_region_signals:
+            arr.flags.writeable = False
 
         self.fallback_model = np.full(n_models, -1, dtype=np.int32)
         for model, fb in topology.fallbacks.items():
@@ -286,6 +294,52 @@ def _flag_column(values: object, n: int, name: str, default: bool) -> np.ndarray
     return arr
 
 
+def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
+    """The reference derivation of a columnar update (validated vectorized, errors
+    name ``field[r]``) -> ``(status, in_flight, queue_depth, kv_free_blocks,
+    prefill_ms_per_token, tpot_base_ms, tpot_ms_per_batch, service_ms, slot_ms)``.
+    ``_core/decide.pyx`` has its compiled twin for the common dtypes."""
+    n = fleet.n_replicas
+    observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64, copy=False)
+    if np.isinf(observed).any():
+        _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
+    in_flight = _count_column(c.in_flight, n, "in_flight")
+    queue_depth = _count_column(c.queue_depth, n, "queue_depth")
+    kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")
+    prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
+    tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
+    tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
+    service, _ = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
+    healthy = _flag_column(c.healthy, n, "healthy", True)
+    draining = _flag_column(c.draining, n, "draining", False)
+    missing = np.isnan(observed)
+    if missing.any():  # no signal, nothing known: as if the struct were absent
+        in_flight, queue_depth = np.where(missing, 0, in_flight).astype(np.int32), np.where(missing, 0, queue_depth).astype(np.int32)
+        kv_free = np.where(missing, fleet.kv_blocks, kv_free).astype(np.int32)
+        prefill_per_token = np.where(missing, fleet.default_prefill_ms_per_token, prefill_per_token)
+        tpot_base = np.where(missing, fleet.default_tpot_base_ms, tpot_base)
+        tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
+        service = np.where(missing, fleet.default_service_ms, service)
+        healthy, draining = healthy | missing, draining & ~missing
+    return _finish(fleet, now_ms, observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token,
+                   tpot_base, tpot_per_batch, service)
+
+
+def _finish(fleet: Fleet, now_ms: float, observed, healthy, draining, in_flight, queue_depth, kv_free,
+            prefill_per_token, tpot_base, tpot_per_batch, service) -> tuple:
+    """Status codes (later rules win: stale < draining < unhealthy < no signal) and
+    the ms between two departures from a full replica (turns queue depth into wait)."""
+    status = np.full(len(observed), OK, dtype=np.uint8)
+    status[now_ms - observed > fleet.policy.signal_max_age_ms] = STALE
+    status[draining] = DRAINING
+    status[~healthy] = UNHEALTHY
+    status[np.isnan(observed)] = NO_SIGNAL
+    service = np.ascontiguousarray(service, dtype=np.float64)
+    return (status, in_flight, queue_depth, kv_free, np.ascontiguousarray(prefill_per_token, dtype=np.float64),
+            np.ascontiguousarray(tpot_base, dtype=np.float64), np.ascontiguousarray(tpot_per_batch, dtype=np.float64),
+            service, service / fleet.decode_slots)
+
+
 class Snapshot:
     """Validated signals as columns over a :class:`Fleet`. Immutable; build a new one per update.
 
@@ -294,15 +348,22 @@ class Snapshot:
     per field in fleet order, validated vectorized so errors name ``field[r]``).
     """
 
-    def __init__(self, fleet: Fleet, signals: Union[Signals, SignalColumns], epoch: int) -> None:
+    def __init__(self, fleet: Fleet, signals: Union[Signals, SignalColumns], epoch: int,
+                 derive: Optional[Callable] = None) -> None:
+        """``derive``: a compiled twin of :func:`derive_columns` that returns ``None``
+        for input outside its fast path (the reference then validates it and names
+        the error); the router passes its kernels' one."""
         self.fleet = fleet
         self.epoch = epoch
         self.now_ms = _now(signals.now_ms)
         if isinstance(signals, SignalColumns):
-            columns = self._from_columns(signals)
+            derived = derive(fleet, self.now_ms, signals) if derive is not None else None
+            if derived is None:
+                derived = derive_columns(fleet, self.now_ms, signals)
         else:
-            columns = self._from_structs(signals)
-        self._derive(*columns)
+            derived = _finish(fleet, self.now_ms, *self._from_structs(signals))
+        (self.status, self.in_flight, self.queue_depth, self.kv_free_blocks, self.prefill_ms_per_token,
+         self.tpot_base_ms, self.tpot_ms_per_batch, self.service_ms, self.slot_ms) = derived
         self._regions(signals.regions_down, signals.spill)
         self._native: object = None  # the kernel's pointer view, built on first use
 
@@ -349,51 +410,11 @@ class Snapshot:
             draining[r] = bool(s.draining)
         return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
 
-    def _from_columns(self, c: SignalColumns) -> tuple:
-        fleet = self.fleet
-        n = fleet.n_replicas
-        observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64, copy=False)
-        if np.isinf(observed).any():
-            _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
-        in_flight = _count_column(c.in_flight, n, "in_flight")
-        queue_depth = _count_column(c.queue_depth, n, "queue_depth")
-        kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")
-        prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
-        tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
-        tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
-        service, _ = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
-        healthy = _flag_column(c.healthy, n, "healthy", True)
-        draining = _flag_column(c.draining, n, "draining", False)
-        missing = np.isnan(observed)
-        if missing.any():  # no signal, nothing known: as if the struct were absent
-            in_flight, queue_depth = np.where(missing, 0, in_flight).astype(np.int32), np.where(missing, 0, queue_depth).astype(np.int32)
-            kv_free = np.where(missing, fleet.kv_blocks, kv_free).astype(np.int32)
-            prefill_per_token = np.where(missing, fleet.default_prefill_ms_per_token, prefill_per_token)
-            tpot_base = np.where(missing, fleet.default_tpot_base_ms, tpot_base)
-            tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
-            service = np.where(missing, fleet.default_service_ms, service)
-            healthy, draining = healthy | missing, draining & ~missing
-        return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
-
-    def _derive(self, observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service) -> None:
-        status = np.full(len(observed), OK, dtype=np.uint8)
-        status[self.now_ms - observed > self.fleet.policy.signal_max_age_ms] = STALE
-        status[draining] = DRAINING
-        status[~healthy] = UNHEALTHY
-        status[np.isnan(observed)] = NO_SIGNAL
-        self.status = status
-        self.in_flight = in_flight
-        self.queue_depth = queue_depth
-        self.kv_free_blocks = kv_free
-        self.prefill_ms_per_token = np.ascontiguousarray(prefill_per_token, dtype=np.float64)
-        self.tpot_base_ms = np.ascontiguousarray(tpot_base, dtype=np.float64)
-        self.tpot_ms_per_batch = np.ascontiguousarray(tpot_per_batch, dtype=np.float64)
-        self.service_ms = np.ascontiguousarray(service, dtype=np.float64)
-        # ms between two departures from a full replica: turns queue depth into wait
-        self.slot_ms = self.service_ms / self.fleet.decode_slots
-
     def _regions(self, regions_down, spill) -> None:
         fleet = self.fleet
+        if not regions_down and not spill:  # the common update: shared read-only arrays
+            self.region_up, self.spill_pair, self.spill_total = fleet.no_region_signals
+            return
         n_regions = fleet.n_regions
         region_up = np.ones(n_regions, dtype=np.uint8)
         for i, name in enumerate(regions_down):

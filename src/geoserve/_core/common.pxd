@@ -8,6 +8,7 @@ cdef extern from *:
     """
     uint64_t XXH3_64bits(const void* data, size_t length) nogil
     uint64_t XXH3_64bits_withSeed(const void* data, size_t length, uint64_t seed) nogil
+    void prefetch "__builtin_prefetch"(const void* address) nogil
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:

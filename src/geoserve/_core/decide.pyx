@@ -9,11 +9,11 @@ acquiring a dozen memoryviews per call would cost more than the scan.
 """
 
 cimport numpy as cnp
-from libc.math cimport ceil, floor, INFINITY, isnan
+from libc.math cimport ceil, floor, INFINITY, NAN, isnan
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 
-from .common cimport XXH3_64bits, mix64
+from .common cimport XXH3_64bits, mix64, prefetch
 
 cnp.import_array()
 
@@ -325,6 +325,122 @@ cdef inline StateView _state_view(object state):
     return <StateView>view
 
 
+# ------------------------------------------------------------- snapshot columns
+cdef inline object _col(object values, Py_ssize_t n, int typenum):
+    """The column as a C-contiguous 1-d array of exactly ``typenum`` and length n, else None."""
+    if type(values) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray arr = <cnp.ndarray>values
+    if (cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != n or cnp.PyArray_TYPE(arr) != typenum
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+        return None
+    return arr
+
+
+cdef inline bint _override_ok(double v, bint positive) noexcept nogil:
+    """NaN (keep the profile) or a finite number >= 0 (> 0 when ``positive``)."""
+    return isnan(v) or (v - v == 0.0 and v >= 0.0 and (v > 0.0 or not positive))
+
+
+def derive_columns(fleet, double now_ms, c):
+    """The compiled twin of ``snapshot.derive_columns`` for the common dtypes
+    (float64 times and overrides, int32 counts, bool flags, C-contiguous, or None):
+    the same tuple, or None when a column has another dtype or shape or any value
+    is invalid - the reference then validates it and names the error."""
+    cdef Py_ssize_t n = fleet.n_replicas, r
+    cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, b1 = cnp.NPY_BOOL
+    observed_a = _col(c.observed_ms, n, f64)
+    in_flight_a = _col(c.in_flight, n, i32)
+    queue_a = _col(c.queue_depth, n, i32)
+    if observed_a is None or in_flight_a is None or queue_a is None:
+        return None
+    optional = (c.healthy, c.draining, c.kv_free_blocks, c.prefill_ms_per_token, c.tpot_ms, c.mean_service_ms)
+    typenums = (b1, b1, i32, f64, f64, f64)
+    given = []
+    for values, typenum in zip(optional, typenums):
+        if values is None:
+            given.append(None)
+            continue
+        arr = _col(values, n, typenum)
+        if arr is None:
+            return None
+        given.append(arr)
+    cdef const double* observed = <const double*>cnp.PyArray_DATA(observed_a)
+    cdef const int32_t* in_flight = <const int32_t*>cnp.PyArray_DATA(in_flight_a)
+    cdef const int32_t* queue = <const int32_t*>cnp.PyArray_DATA(queue_a)
+    cdef const uint8_t* healthy = NULL if given[0] is None else <const uint8_t*>cnp.PyArray_DATA(given[0])
+    cdef const uint8_t* draining = NULL if given[1] is None else <const uint8_t*>cnp.PyArray_DATA(given[1])
+    cdef const int32_t* kv = NULL if given[2] is None else <const int32_t*>cnp.PyArray_DATA(given[2])
+    cdef const double* prefill = NULL if given[3] is None else <const double*>cnp.PyArray_DATA(given[3])
+    cdef const double* tpot = NULL if given[4] is None else <const double*>cnp.PyArray_DATA(given[4])
+    cdef const double* service = NULL if given[5] is None else <const double*>cnp.PyArray_DATA(given[5])
+    cdef const int32_t* kv_default = <const int32_t*>_ptr(fleet.kv_blocks, i32, "kv_blocks")
+    cdef const double* prefill_default = <const double*>_ptr(fleet.default_prefill_ms_per_token, f64, "default_prefill_ms_per_token")
+    cdef const double* tpot_default = <const double*>_ptr(fleet.default_tpot_base_ms, f64, "default_tpot_base_ms")
+    cdef const double* batch_default = <const double*>_ptr(fleet.default_tpot_ms_per_batch, f64, "default_tpot_ms_per_batch")
+    cdef const double* service_default = <const double*>_ptr(fleet.default_service_ms, f64, "default_service_ms")
+    cdef const int32_t* slots = <const int32_t*>_ptr(fleet.decode_slots, i32, "decode_slots")
+    cdef double max_age = fleet.policy.signal_max_age_ms
+    cdef cnp.npy_intp dims = n
+    out = tuple(cnp.PyArray_EMPTY(1, &dims, t, 0) for t in (cnp.NPY_UINT8, i32, i32, i32, f64, f64, f64, f64, f64))
+    cdef uint8_t* o_status = <uint8_t*>cnp.PyArray_DATA(out[0])
+    cdef int32_t* o_in_flight = <int32_t*>cnp.PyArray_DATA(out[1])
+    cdef int32_t* o_queue = <int32_t*>cnp.PyArray_DATA(out[2])
+    cdef int32_t* o_kv = <int32_t*>cnp.PyArray_DATA(out[3])
+    cdef double* o_prefill = <double*>cnp.PyArray_DATA(out[4])
+    cdef double* o_tpot = <double*>cnp.PyArray_DATA(out[5])
+    cdef double* o_batch = <double*>cnp.PyArray_DATA(out[6])
+    cdef double* o_service = <double*>cnp.PyArray_DATA(out[7])
+    cdef double* o_slot = <double*>cnp.PyArray_DATA(out[8])
+    cdef double seen, v
+    cdef bint ok = True
+    with nogil:
+        for r in range(n):
+            seen = observed[r]
+            # every value is checked, as the reference checks whole columns first
+            if (not isnan(seen) and seen - seen != 0.0) or in_flight[r] < 0 or queue[r] < 0 or (kv != NULL and kv[r] < 0):
+                ok = False
+                break
+            if ((prefill != NULL and not _override_ok(prefill[r], False)) or (tpot != NULL and not _override_ok(tpot[r], True))
+                    or (service != NULL and not _override_ok(service[r], True))):
+                ok = False
+                break
+            if isnan(seen):  # no signal, nothing known: as if the struct were absent
+                o_status[r] = 4  # NO_SIGNAL
+                o_in_flight[r] = 0
+                o_queue[r] = 0
+                o_kv[r] = kv_default[r]
+                o_prefill[r] = prefill_default[r]
+                o_tpot[r] = tpot_default[r]
+                o_batch[r] = batch_default[r]
+                o_service[r] = service_default[r]
+            else:
+                if healthy != NULL and not healthy[r]:
+                    o_status[r] = 1  # UNHEALTHY
+                elif draining != NULL and draining[r]:
+                    o_status[r] = 2  # DRAINING
+                elif now_ms - seen > max_age:
+                    o_status[r] = 3  # STALE
+                else:
+                    o_status[r] = 0  # OK
+                o_in_flight[r] = in_flight[r]
+                o_queue[r] = queue[r]
+                o_kv[r] = kv[r] if kv != NULL else kv_default[r]
+                v = prefill[r] if prefill != NULL else NAN
+                o_prefill[r] = prefill_default[r] if isnan(v) else v
+                v = tpot[r] if tpot != NULL else NAN
+                if isnan(v):
+                    o_tpot[r] = tpot_default[r]
+                    o_batch[r] = batch_default[r]
+                else:  # a measured step time replaces the profile's batch-size model
+                    o_tpot[r] = v
+                    o_batch[r] = 0.0
+                v = service[r] if service != NULL else NAN
+                o_service[r] = service_default[r] if isnan(v) else v
+            o_slot[r] = o_service[r] / slots[r]
+    return out if ok else None
+
+
 # ------------------------------------------------------------- prefix index
 cdef inline uint64_t _slot_key(uint64_t h) noexcept nogil:
     return h if h != 0 else 1
@@ -374,6 +490,8 @@ cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32
     cdef PrefixEntry* e
     st.clock[0] += 1
     stamp = st.clock[0]
+    for i in range(n if n < 64 else 64):  # independent misses: ask for them all at once
+        prefetch(&st.prefix[mix64(_slot_key(prefix[i])) & st.mask])
     for i in range(n):
         key = _slot_key(prefix[i])
         base = mix64(key) & st.mask
@@ -416,6 +534,10 @@ cdef void _prefix_match(ModelC* m) noexcept nogil:
     cdef bint advanced
     cdef const PrefixEntry* e
     m.n_match = 0
+    # The blocks' entries are independent cache misses in a table larger than the
+    # caches: ask for all of them at once instead of one after another.
+    for i in range(req.n_prefix if req.n_prefix < 64 else 64):
+        prefetch(&st.prefix[mix64(_slot_key(req.prefix[i])) & st.mask])
     for i in range(req.n_prefix):
         slot = _prefix_find(st, req.prefix[i])
         if slot < 0:
