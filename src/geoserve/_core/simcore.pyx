@@ -17,13 +17,16 @@ from libc.stdint cimport int64_t, uint64_t
 from libcpp.deque cimport deque
 from libcpp.pair cimport pair
 from libcpp.queue cimport priority_queue
-from libcpp.unordered_map cimport unordered_map
 from libcpp.unordered_set cimport unordered_set
 from libcpp.vector cimport vector
 from libcpp.algorithm cimport sort
-from cython.operator cimport dereference as deref
 
+from .common cimport mix64, prefetch
+
+cimport numpy as cnp
 import numpy as np
+
+cnp.import_array()
 
 from geoserve.types import SignalColumns
 
@@ -47,6 +50,9 @@ cdef enum:
     LOST = 5
 
 OUTCOMES = ("", "served", "overflowed", "degraded", "shed", "lost")
+
+cdef enum:
+    CACHE_MIN = 64  # slots of an empty prefix cache (a power of two)
 
 ctypedef pair[double, pair[int64_t, int64_t]] Entry  # (-t, (-(kind << 40 | seq), seq))
 ctypedef pair[double, pair[int64_t, int]] Decoder  # (-finish, (-seq, request))
@@ -72,7 +78,8 @@ cdef class Engine:
     cdef vector[deque[int]] r_waiting
     cdef vector[unordered_set[int]] r_prefilling
     cdef vector[priority_queue[Decoder]] r_decoding
-    cdef vector[unordered_map[uint64_t, uint64_t]] r_cache
+    cdef vector[vector[uint64_t]] c_table  # per replica: the prefix cache's slots (see cache_slot)
+    cdef vector[int64_t] c_size
     cdef vector[deque[pair[uint64_t, int]]] r_uses
     # --- latency models, by model index
     cdef vector[vector[double]] lat_x, lat_y
@@ -114,8 +121,7 @@ cdef class Engine:
             self.block_tokens.push_back(q.block_tokens)
             self.origin.push_back(fleet.location_index[q.origin])
             self.blocks_at.push_back(self.blocks.size())
-            for h in q.blocks:
-                self.blocks.push_back(h)
+            self._add_blocks(q)
             self.ttft.push_back(NAN)
             self.completion.push_back(NAN)
             self.cached.push_back(0)
@@ -156,7 +162,7 @@ cdef class Engine:
         self.r_waiting.resize(self.n_rep)
         self.r_prefilling.resize(self.n_rep)
         self.r_decoding.resize(self.n_rep)
-        self.r_cache.resize(self.n_rep)
+        self.c_table.resize(self.n_rep)
         self.r_uses.resize(self.n_rep)
         for rep in sim.replicas:
             self.r_region.push_back(rep.region)
@@ -177,7 +183,20 @@ cdef class Engine:
             self.r_served.push_back(0)
             self.r_cache_blocks.push_back(rep.cache_blocks)
             self.r_clock.push_back(0)
+            self.c_size.push_back(0)
+            self.c_table[rep.index].resize(2 * CACHE_MIN, 0)
         self.fault_ops = sim.fault_schedule()
+
+    cdef void _add_blocks(self, q) except *:
+        cdef const uint64_t* p
+        cdef Py_ssize_t k
+        prefix = q.prefix
+        if type(prefix) is cnp.ndarray and cnp.PyArray_TYPE(prefix) == cnp.NPY_UINT64 and cnp.PyArray_IS_C_CONTIGUOUS(prefix):
+            p = <const uint64_t*>cnp.PyArray_DATA(prefix)
+            self.blocks.insert(self.blocks.end(), p, p + cnp.PyArray_SIZE(prefix))
+        else:
+            for h in q.blocks:
+                self.blocks.push_back(h)
 
     # ---------------------------------------------------------------- events
     cdef void push(self, double t, int kind, int64_t a, int64_t b):
@@ -303,38 +322,95 @@ cdef class Engine:
             self.r_virtual[r] += (now - self.r_virtual_at[r]) / self.step_ms(r, self.r_batch[r])
         self.r_virtual_at[r] = now
 
+    # ---- the prefix cache: a map block hash -> stamp of its last use, as the Python
+    # replica's dict; linear probing with backward-shift deletion over (key, stamp)
+    # pairs side by side (stamp 0: empty), doubled at half full. Only membership,
+    # stamps and size are observable, so any map gives the same run.
+    cdef inline int64_t cache_slot(self, int r, uint64_t key) noexcept:
+        cdef uint64_t* t = self.c_table[r].data()
+        cdef uint64_t mask = (self.c_table[r].size() >> 1) - 1
+        cdef uint64_t i = mix64(key) & mask
+        while t[2 * i + 1] != 0 and t[2 * i] != key:
+            i = (i + 1) & mask
+        return <int64_t>i
+
+    cdef inline uint64_t cache_stamp(self, int r, int64_t i) noexcept:
+        return self.c_table[r][2 * i + 1]
+
+    cdef void cache_set(self, int r, uint64_t key, uint64_t stamp) noexcept:
+        cdef int64_t i = self.cache_slot(r, key)
+        cdef uint64_t* t = self.c_table[r].data()
+        if t[2 * i + 1] == 0:
+            self.c_size[r] += 1
+            t[2 * i] = key
+        t[2 * i + 1] = stamp
+        if self.c_size[r] > <int64_t>(self.c_table[r].size() >> 2):
+            self.cache_grow(r)
+
+    cdef void cache_grow(self, int r) noexcept:
+        cdef vector[uint64_t] old = self.c_table[r]
+        cdef size_t k
+        self.c_table[r].assign(2 * old.size(), 0)
+        self.c_size[r] = 0
+        for k in range(0, old.size(), 2):
+            if old[k + 1] != 0:
+                self.cache_set(r, old[k], old[k + 1])
+
+    cdef void cache_erase(self, int r, int64_t i) noexcept:
+        cdef uint64_t* t = self.c_table[r].data()
+        cdef uint64_t mask = (self.c_table[r].size() >> 1) - 1
+        cdef uint64_t hole = <uint64_t>i, j = <uint64_t>i, home
+        while True:
+            j = (j + 1) & mask
+            if t[2 * j + 1] == 0:
+                break
+            home = mix64(t[2 * j]) & mask
+            # entry j may move back into the hole unless its home lies in (hole, j]
+            if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+                continue
+            t[2 * hole] = t[2 * j]
+            t[2 * hole + 1] = t[2 * j + 1]
+            hole = j
+        t[2 * hole + 1] = 0
+        self.c_size[r] -= 1
+
+    cdef void cache_clear(self, int r) noexcept:
+        self.c_table[r].assign(2 * CACHE_MIN, 0)
+        self.c_size[r] = 0
+
     cdef int64_t cache_lookup(self, int r, int q):
-        cdef unordered_map[uint64_t, uint64_t]* cache = &self.r_cache[r]
         cdef int64_t lo = self.blocks_at[q], hi = self.blocks_at[q + 1], k, hits = 0
         cdef uint64_t stamp
+        cdef uint64_t* t = self.c_table[r].data()
+        cdef uint64_t mask = (self.c_table[r].size() >> 1) - 1
+        for k in range(lo, lo + 64 if hi - lo > 64 else hi):  # independent misses: ask for all at once
+            prefetch(&t[2 * (mix64(self.blocks[k]) & mask)])
         for k in range(lo, hi):
-            if cache.count(self.blocks[k]):
+            if self.cache_stamp(r, self.cache_slot(r, self.blocks[k])) != 0:
                 hits += 1
             else:
                 break
         self.r_clock[r] += 1
         stamp = self.r_clock[r]
         for k in range(lo, hi):
-            cache[0][self.blocks[k]] = stamp
+            self.cache_set(r, self.blocks[k], stamp)
         self.r_uses[r].push_back(pair[uint64_t, int](stamp, q))
-        if <int64_t>cache.size() > self.r_cache_blocks[r]:
+        if self.c_size[r] > self.r_cache_blocks[r]:
             self.evict(r)
         hits = hits * self.block_tokens[q]
         return hits if hits < self.prompt[q] else self.prompt[q]
 
     cdef void evict(self, int r):
-        cdef unordered_map[uint64_t, uint64_t]* cache = &self.r_cache[r]
         cdef deque[pair[uint64_t, int]]* uses = &self.r_uses[r]
         cdef pair[uint64_t, int] use
-        cdef int64_t k
-        cdef unordered_map[uint64_t, uint64_t].iterator it
-        while <int64_t>cache.size() > self.r_cache_blocks[r] and not uses.empty():
+        cdef int64_t k, i
+        while self.c_size[r] > self.r_cache_blocks[r] and not uses.empty():
             use = uses.front()
             uses.pop_front()
             for k in range(self.blocks_at[use.second], self.blocks_at[use.second + 1]):
-                it = cache.find(self.blocks[k])
-                if it != cache.end() and deref(it).second == use.first:
-                    cache.erase(it)
+                i = self.cache_slot(r, self.blocks[k])
+                if self.cache_stamp(r, i) == use.first:  # not used since: least recently used
+                    self.cache_erase(r, i)
 
     cdef double start(self, int r, int q, double now):
         cdef double begin, end
@@ -513,7 +589,7 @@ cdef class Engine:
             self.r_busy_since[r] = -1.0
         self.r_in_use[r] = 0
         self.r_prefill_free_at[r] = t
-        self.r_cache[r].clear()
+        self.cache_clear(r)
         self.r_uses[r].clear()
         for k in range(dropped.size()):
             q = dropped[k].second

@@ -23,46 +23,47 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import msgspec
 import numpy as np
 
 
-class SimRequest:
-    """One request of a simulation: what the trace says, then what happened to it."""
+class SimRequest(msgspec.Struct, gc=False):
+    """One request of a simulation: what the trace says, then what happened to it.
 
-    __slots__ = (
-        "id", "arrival_ms", "origin", "priority", "model", "prompt_tokens", "output_tokens", "session",
-        "prefix", "blocks", "block_tokens", "peak",
-        # what happened
-        "attempts", "tried", "queued", "outcome", "region", "replica", "model_used",
-        "ttft_ms", "completion_ms", "cached_tokens", "decision",
-    )
+    Not tracked by the garbage collector (``gc=False``): a day holds hundreds of
+    thousands of these per policy, none can be part of a cycle (they hold numbers,
+    strings, tuples, an array and an immutable Decision), and every collection
+    would otherwise walk them all.
+    """
 
-    def __init__(self, id: int, arrival_ms: float, origin: str, prompt_tokens: int, output_tokens: int,
-                 prefix: np.ndarray, block_tokens: int, priority: str = "interactive", model: str = "chat",
-                 session: Optional[str] = None) -> None:
-        self.id = id
-        self.arrival_ms = arrival_ms
-        self.origin = origin
-        self.priority = priority
-        self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.output_tokens = max(1, output_tokens)
-        self.session = session
-        self.prefix = prefix  # uint64 array: what the router reads
-        self.blocks = tuple(prefix.tolist())  # the same hashes as Python ints: what caches key on
-        self.block_tokens = block_tokens
-        self.peak = False
-        self.attempts = 0
-        self.tried: tuple = ()
-        self.queued = 0
-        self.outcome = ""  # served, overflowed, degraded, shed, lost
-        self.region = ""
-        self.replica = -1
-        self.model_used = ""
-        self.ttft_ms = math.nan
-        self.completion_ms = math.nan
-        self.cached_tokens = 0
-        self.decision = None
+    id: int
+    arrival_ms: float
+    origin: str
+    prompt_tokens: int
+    output_tokens: int
+    prefix: np.ndarray  # uint64 array: what the router reads
+    block_tokens: int
+    priority: str = "interactive"
+    model: str = "chat"
+    session: Optional[str] = None
+    blocks: tuple = ()  # the same hashes as Python ints: what caches key on (derived)
+    peak: bool = False
+    # what happened
+    attempts: int = 0
+    tried: tuple = ()
+    queued: int = 0
+    outcome: str = ""  # served, overflowed, degraded, shed, lost
+    region: str = ""
+    replica: int = -1
+    model_used: str = ""
+    ttft_ms: float = math.nan
+    completion_ms: float = math.nan
+    cached_tokens: int = 0
+    decision: object = None
+
+    def __post_init__(self) -> None:
+        self.output_tokens = max(1, self.output_tokens)
+        self.blocks = tuple(self.prefix.tolist())
 
 
 def diurnal_factor(hour_utc: np.ndarray, utc_offset: float, peak_hour_local: float = 14.0, trough: float = 0.3) -> np.ndarray:
