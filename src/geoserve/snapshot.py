@@ -137,6 +137,7 @@ class Fleet:
         )
         for arr in self.no_region_signals:
             arr.flags.writeable = False
+        self._native: object = None  # the kernel's pointer view, built on first use
 
         self.fallback_model = np.full(n_models, -1, dtype=np.int32)
         for model, fb in topology.fallbacks.items():

@@ -202,24 +202,21 @@ cdef void* _ptr(object arr, int typenum, str name) except NULL:
 
 
 
-cdef class SnapshotView:
-    """Raw pointers into a Snapshot and its Fleet. It keeps the arrays alive, not the
-    snapshot (which holds the view): no reference cycle, so a snapshot is freed as
-    soon as the last caller drops it."""
+cdef class FleetView:
+    """Raw pointers into a Fleet's tables, built once per fleet (cached on it) and
+    copied into every snapshot's view. Keeps the arrays, not the fleet, alive."""
     cdef FleetC f
-    cdef SnapC s
-    cdef object fleet
     cdef tuple arrays
 
-    def __cinit__(self, snapshot):
-        fleet = snapshot.fleet
+    def __cinit__(self, fleet):
         if fleet.n_regions > MAX_REGIONS:
             raise ValueError(f"the compiled kernel handles at most {MAX_REGIONS} regions")
-        self.fleet = fleet
-        self.arrays = (snapshot.status, snapshot.region_up, snapshot.in_flight, snapshot.queue_depth,
-                       snapshot.prefill_ms_per_token, snapshot.tpot_base_ms, snapshot.tpot_ms_per_batch,
-                       snapshot.slot_ms, snapshot.spill_pair, snapshot.spill_total)
-        cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8, u64 = cnp.NPY_UINT64
+        cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u64 = cnp.NPY_UINT64
+        self.arrays = (fleet.rtt_ms, fleet.home, fleet.replica_region, fleet.replica_version, fleet.decode_slots,
+                       fleet.prefill_base_ms, fleet.model_prefill_base_ms, fleet.model_prefill_ms_per_token,
+                       fleet.model_start, fleet.group_start, fleet.fallback_model, fleet.region_slots,
+                       fleet.ring_points, fleet.ring_owner, fleet.ring_start, fleet.class_local_budget_ms,
+                       fleet.class_cross_budget_ms, fleet.class_slot_ceiling)
         self.f.n_regions = fleet.n_regions
         self.f.n_locations = len(fleet.locations)
         self.f.rtt_ms = <double*>_ptr(fleet.rtt_ms, f64, "rtt_ms")
@@ -247,18 +244,45 @@ cdef class SnapshotView:
         self.f.max_fallbacks = p.max_fallbacks
         self.f.min_retry_after_ms = p.min_retry_after_ms
         self.f.default_retry_after_ms = p.default_retry_after_ms
+
+
+cdef inline FleetView _fleet_view(object fleet):
+    cdef object view = fleet._native
+    if view is None:
+        view = FleetView(fleet)
+        fleet._native = view
+    return <FleetView>view
+
+
+cdef class SnapshotView:
+    """Raw pointers into a Snapshot and its Fleet. It keeps the arrays alive, not the
+    snapshot (which holds the view): no reference cycle, so a snapshot is freed as
+    soon as the last caller drops it."""
+    cdef FleetC f
+    cdef SnapC s
+    cdef object fleet
+    cdef tuple arrays
+
+    def __cinit__(self, snapshot):
+        cdef FleetView fv = _fleet_view(snapshot.fleet)
+        self.fleet = fv  # keeps the fleet's arrays alive
+        self.f = fv.f
+        self.arrays = (snapshot.status, snapshot.region_up, snapshot.in_flight, snapshot.queue_depth,
+                       snapshot.prefill_ms_per_token, snapshot.tpot_base_ms, snapshot.tpot_ms_per_batch,
+                       snapshot.slot_ms, snapshot.spill_pair, snapshot.spill_total)
+        cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8
         self.s.epoch = snapshot.epoch
-        self.s.status = <uint8_t*>_ptr(snapshot.status, u8, "status")
-        self.s.region_up = <uint8_t*>_ptr(snapshot.region_up, u8, "region_up")
-        self.s.in_flight = <int32_t*>_ptr(snapshot.in_flight, i32, "in_flight")
-        self.s.queue_depth = <int32_t*>_ptr(snapshot.queue_depth, i32, "queue_depth")
-        self.s.prefill_ms_per_token = <double*>_ptr(snapshot.prefill_ms_per_token, f64, "prefill_ms_per_token")
-        self.s.tpot_base_ms = <double*>_ptr(snapshot.tpot_base_ms, f64, "tpot_base_ms")
-        self.s.tpot_ms_per_batch = <double*>_ptr(snapshot.tpot_ms_per_batch, f64, "tpot_ms_per_batch")
-        self.s.slot_ms = <double*>_ptr(snapshot.slot_ms, f64, "slot_ms")
-        self.s.spill_pair = <double*>_ptr(snapshot.spill_pair, f64, "spill_pair")
-        self.s.spill_total = <double*>_ptr(snapshot.spill_total, f64, "spill_total")
-        self._pack(fleet.n_replicas)
+        self.s.status = <uint8_t*>_ptr(self.arrays[0], u8, "status")
+        self.s.region_up = <uint8_t*>_ptr(self.arrays[1], u8, "region_up")
+        self.s.in_flight = <int32_t*>_ptr(self.arrays[2], i32, "in_flight")
+        self.s.queue_depth = <int32_t*>_ptr(self.arrays[3], i32, "queue_depth")
+        self.s.prefill_ms_per_token = <double*>_ptr(self.arrays[4], f64, "prefill_ms_per_token")
+        self.s.tpot_base_ms = <double*>_ptr(self.arrays[5], f64, "tpot_base_ms")
+        self.s.tpot_ms_per_batch = <double*>_ptr(self.arrays[6], f64, "tpot_ms_per_batch")
+        self.s.slot_ms = <double*>_ptr(self.arrays[7], f64, "slot_ms")
+        self.s.spill_pair = <double*>_ptr(self.arrays[8], f64, "spill_pair")
+        self.s.spill_total = <double*>_ptr(self.arrays[9], f64, "spill_total")
+        self._pack(snapshot.fleet.n_replicas)
 
     cdef int _pack(self, Py_ssize_t n) except -1:
         cdef Py_ssize_t r
@@ -354,17 +378,13 @@ def derive_columns(fleet, double now_ms, c):
     queue_a = _col(c.queue_depth, n, i32)
     if observed_a is None or in_flight_a is None or queue_a is None:
         return None
-    optional = (c.healthy, c.draining, c.kv_free_blocks, c.prefill_ms_per_token, c.tpot_ms, c.mean_service_ms)
-    typenums = (b1, b1, i32, f64, f64, f64)
-    given = []
-    for values, typenum in zip(optional, typenums):
-        if values is None:
-            given.append(None)
-            continue
-        arr = _col(values, n, typenum)
-        if arr is None:
-            return None
-        given.append(arr)
+    cdef list given = [c.healthy, c.draining, c.kv_free_blocks, c.prefill_ms_per_token, c.tpot_ms, c.mean_service_ms]
+    cdef int k
+    for k in range(6):
+        if given[k] is not None:
+            given[k] = _col(given[k], n, b1 if k < 2 else (i32 if k == 2 else f64))
+            if given[k] is None:
+                return None
     cdef const double* observed = <const double*>cnp.PyArray_DATA(observed_a)
     cdef const int32_t* in_flight = <const int32_t*>cnp.PyArray_DATA(in_flight_a)
     cdef const int32_t* queue = <const int32_t*>cnp.PyArray_DATA(queue_a)
@@ -382,7 +402,11 @@ def derive_columns(fleet, double now_ms, c):
     cdef const int32_t* slots = <const int32_t*>_ptr(fleet.decode_slots, i32, "decode_slots")
     cdef double max_age = fleet.policy.signal_max_age_ms
     cdef cnp.npy_intp dims = n
-    out = tuple(cnp.PyArray_EMPTY(1, &dims, t, 0) for t in (cnp.NPY_UINT8, i32, i32, i32, f64, f64, f64, f64, f64))
+    cdef tuple out = (cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0), cnp.PyArray_EMPTY(1, &dims, i32, 0),
+                      cnp.PyArray_EMPTY(1, &dims, i32, 0), cnp.PyArray_EMPTY(1, &dims, i32, 0),
+                      cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
+                      cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
+                      cnp.PyArray_EMPTY(1, &dims, f64, 0))
     cdef uint8_t* o_status = <uint8_t*>cnp.PyArray_DATA(out[0])
     cdef int32_t* o_in_flight = <int32_t*>cnp.PyArray_DATA(out[1])
     cdef int32_t* o_queue = <int32_t*>cnp.PyArray_DATA(out[2])
@@ -1392,7 +1416,7 @@ cdef class Boundary:
             None if retry < 0 else retry, epoch, r,
         )
 
-    def fast_decide(self, request, snapshot, state):
+    cpdef object fast_decide(self, request, snapshot, state):
         """The decision, or None to take the Python boundary."""
         cdef ReqC req
         cdef PickC out
@@ -1412,7 +1436,7 @@ cdef class Boundary:
             _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
 
-    def fast_route(self, request, snapshot):
+    cpdef object fast_route(self, request, snapshot):
         """Decide and record under the state's lock, or None to take the Python boundary."""
         cdef ReqC req
         cdef PickC out
@@ -1441,7 +1465,7 @@ cdef class Boundary:
             self.release_lock()
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
 
-    def fast_complete(self, decision, replica, ok):
+    cpdef object fast_complete(self, decision, replica, ok):
         """Release what route() recorded; False to take the Python boundary (a
         different serving replica, whose prefix must be recorded, or an odd decision)."""
         cdef object code, region

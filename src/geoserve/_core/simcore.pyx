@@ -9,11 +9,11 @@ engines produce byte-identical reports (``tests/test_sim_engines.py``). Policies
 stay Python objects and are called exactly where the Python engine calls them;
 requests stay ``SimRequest`` objects, whose fields the policies read are kept
 current (``replica`` before ``complete``, ``tried`` after a failure) and the rest
-are written back at the end.
+(outcome, latencies, ``attempts``, ``queued``...) are written back at the end.
 """
 
 from libc.math cimport NAN, isnan
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libcpp.deque cimport deque
 from libcpp.pair cimport pair
 from libcpp.queue cimport priority_queue
@@ -113,6 +113,13 @@ cdef class Engine:
             for g in range(self.n_regions):
                 self.one_way.push_back(sim.one_way[o][g])
         # requests
+        cdef size_t n_req = len(self.reqs)
+        self.ids.reserve(n_req); self.arrival.reserve(n_req); self.prompt.reserve(n_req)
+        self.output.reserve(n_req); self.block_tokens.reserve(n_req); self.origin.reserve(n_req)
+        self.blocks_at.reserve(n_req + 1); self.blocks.reserve(32 * n_req)
+        self.ttft.assign(n_req, NAN); self.completion.assign(n_req, NAN); self.cached.assign(n_req, 0)
+        self.attempts.assign(n_req, 0); self.replica.assign(n_req, -1); self.outcome.assign(n_req, NONE)
+        self.queued.assign(n_req, 0); self.region.assign(n_req, -1); self.model.assign(n_req, -1)
         for q in self.reqs:
             self.ids.push_back(q.id)
             self.arrival.push_back(q.arrival_ms)
@@ -122,15 +129,6 @@ cdef class Engine:
             self.origin.push_back(fleet.location_index[q.origin])
             self.blocks_at.push_back(self.blocks.size())
             self._add_blocks(q)
-            self.ttft.push_back(NAN)
-            self.completion.push_back(NAN)
-            self.cached.push_back(0)
-            self.attempts.push_back(0)
-            self.replica.push_back(-1)
-            self.outcome.push_back(NONE)
-            self.queued.push_back(0)
-            self.region.push_back(-1)
-            self.model.push_back(-1)
         self.blocks_at.push_back(self.blocks.size())
         # latency models: one per fleet model, read from the Python replicas' models
         cdef vector[double] xs, ys
@@ -184,7 +182,7 @@ cdef class Engine:
             self.r_cache_blocks.push_back(rep.cache_blocks)
             self.r_clock.push_back(0)
             self.c_size.push_back(0)
-            self.c_table[rep.index].resize(2 * CACHE_MIN, 0)
+            self.c_table[rep.index].resize(2 * CACHE_MIN, 0)  # grows with use: idle replicas stay small
         self.fault_ops = sim.fault_schedule()
 
     cdef void _add_blocks(self, q) except *:
@@ -266,25 +264,29 @@ cdef class Engine:
     # ---------------------------------------------------------------- signals
     cdef void _signal(self, double t) except *:
         cdef int r, backlog
-        observed = np.empty(self.n_rep)
-        healthy = np.empty(self.n_rep, dtype=bool)
-        running = np.empty(self.n_rep, dtype=np.int32)
-        waiting = np.empty(self.n_rep, dtype=np.int32)
-        cdef double[::1] obs = observed
-        cdef unsigned char[::1] ok = healthy.view(np.uint8)
-        cdef int[::1] run_v = running, wait_v = waiting
+        cdef cnp.npy_intp n = self.n_rep
+        observed = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+        healthy = cnp.PyArray_EMPTY(1, &n, cnp.NPY_BOOL, 0)
+        running = cnp.PyArray_EMPTY(1, &n, cnp.NPY_INT32, 0)
+        waiting = cnp.PyArray_EMPTY(1, &n, cnp.NPY_INT32, 0)
+        usable = cnp.PyArray_EMPTY(1, &n, cnp.NPY_BOOL, 0)
+        cdef double* obs = <double*>cnp.PyArray_DATA(observed)
+        cdef unsigned char* ok = <unsigned char*>cnp.PyArray_DATA(healthy)
+        cdef unsigned char* fresh_ok = <unsigned char*>cnp.PyArray_DATA(usable)
+        cdef int32_t* run_v = <int32_t*>cnp.PyArray_DATA(running)
+        cdef int32_t* wait_v = <int32_t*>cnp.PyArray_DATA(waiting)
         used = [0] * self.n_regions
         for r in range(self.n_rep):
             if self.r_alive[r]:
                 self.r_last_signal[r] = t
             obs[r] = self.r_last_signal[r]
             ok[r] = self.r_alive[r]
+            fresh_ok[r] = self.r_alive[r] and t - obs[r] <= self.max_age
             backlog = <int>self.r_prefilling[r].size() - (1 if (not self.r_prefilling[r].empty() and self.r_prefill_free_at[r] > t) else 0)
             run_v[r] = self.r_in_use[r] - backlog
             wait_v[r] = <int>self.r_waiting[r].size() + backlog
             used[self.r_region[r]] += self.r_in_use[r]
         columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
-        usable = healthy & (t - observed <= self.max_age)
         self.sim.slot_samples.append((t, used))
         if self.signal_delay > 0:
             self.push(t + self.signal_delay, DELIVER, 0, 0)
@@ -337,15 +339,18 @@ cdef class Engine:
     cdef inline uint64_t cache_stamp(self, int r, int64_t i) noexcept:
         return self.c_table[r][2 * i + 1]
 
-    cdef void cache_set(self, int r, uint64_t key, uint64_t stamp) noexcept:
+    cdef bint cache_set(self, int r, uint64_t key, uint64_t stamp) noexcept:
+        """Stamp ``key`` (inserting it if absent); True if it was there."""
         cdef int64_t i = self.cache_slot(r, key)
         cdef uint64_t* t = self.c_table[r].data()
-        if t[2 * i + 1] == 0:
+        cdef bint present = t[2 * i + 1] != 0
+        if not present:
             self.c_size[r] += 1
             t[2 * i] = key
         t[2 * i + 1] = stamp
         if self.c_size[r] > <int64_t>(self.c_table[r].size() >> 2):
             self.cache_grow(r)
+        return present
 
     cdef void cache_grow(self, int r) noexcept:
         cdef vector[uint64_t] old = self.c_table[r]
@@ -379,21 +384,23 @@ cdef class Engine:
         self.c_size[r] = 0
 
     cdef int64_t cache_lookup(self, int r, int q):
+        """Leading blocks of the prompt already cached; then every block is most recent
+        (one probe per block: a block stamped here cannot end the leading run, which
+        already ended at the first miss)."""
         cdef int64_t lo = self.blocks_at[q], hi = self.blocks_at[q + 1], k, hits = 0
+        cdef bint leading = True
         cdef uint64_t stamp
         cdef uint64_t* t = self.c_table[r].data()
         cdef uint64_t mask = (self.c_table[r].size() >> 1) - 1
         for k in range(lo, lo + 64 if hi - lo > 64 else hi):  # independent misses: ask for all at once
             prefetch(&t[2 * (mix64(self.blocks[k]) & mask)])
-        for k in range(lo, hi):
-            if self.cache_stamp(r, self.cache_slot(r, self.blocks[k])) != 0:
-                hits += 1
-            else:
-                break
         self.r_clock[r] += 1
         stamp = self.r_clock[r]
         for k in range(lo, hi):
-            self.cache_set(r, self.blocks[k], stamp)
+            if self.cache_set(r, self.blocks[k], stamp) and leading:
+                hits += 1
+            else:
+                leading = False
         self.r_uses[r].push_back(pair[uint64_t, int](stamp, q))
         if self.c_size[r] > self.r_cache_blocks[r]:
             self.evict(r)
@@ -463,7 +470,6 @@ cdef class Engine:
         cdef double retry_after
         req = self.reqs[q]
         self.attempts[q] += 1
-        req.attempts = self.attempts[q]
         action, r, retry_after = self.policy.route(req, t)
         if action == "queue":
             self.queued[q] += 1

@@ -63,7 +63,8 @@ class SimRequest(msgspec.Struct, gc=False):
 
     def __post_init__(self) -> None:
         self.output_tokens = max(1, self.output_tokens)
-        self.blocks = tuple(self.prefix.tolist())
+        if len(self.blocks) != len(self.prefix):
+            self.blocks = tuple(self.prefix.tolist())
 
 
 def diurnal_factor(hour_utc: np.ndarray, utc_offset: float, peak_hour_local: float = 14.0, trough: float = 0.3) -> np.ndarray:

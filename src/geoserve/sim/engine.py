@@ -348,10 +348,8 @@ def simulate(scenario: Scenario, policies=None, progress=None, engine: Optional[
 
 def _fresh(requests: list[SimRequest]) -> list[SimRequest]:
     """Copies with no history, so every policy replays identical demand."""
-    out = []
-    for r in requests:
-        c = SimRequest(r.id, r.arrival_ms, r.origin, r.prompt_tokens, r.output_tokens, r.prefix, r.block_tokens,
-                       r.priority, r.model, r.session)
-        c.peak = r.peak
-        out.append(c)
-    return out
+    return [
+        SimRequest(r.id, r.arrival_ms, r.origin, r.prompt_tokens, r.output_tokens, r.prefix, r.block_tokens,
+                   r.priority, r.model, r.session, r.blocks, r.peak)
+        for r in requests
+    ]

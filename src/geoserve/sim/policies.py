@@ -211,21 +211,26 @@ class Geoserve(RoutingPolicy):
         self.snapshot = self.router.snapshot(columns)
 
     def route(self, req, now: float):
-        if req.decision is not None and req.decision.action == "queue":
-            self.router.complete(req.decision)  # it asks again: give back the queue slot
+        router = self.router
+        d = req.decision
+        if d is not None and d.action == "queue":
+            router.complete(d)  # it asks again: give back the queue slot
+        tried = req.tried
         request = Request(
             req.model, req.origin, req.priority, None, req.prompt_tokens, req.output_tokens, req.session,
-            req.prefix, req.block_tokens, tuple([self.ids[r] for r in req.tried]) if req.tried else (),
+            req.prefix, req.block_tokens, tuple([self.ids[r] for r in tried]) if tried else (),
             now - req.arrival_ms,
         )
-        d = self.router.route(request, self.snapshot)
-        req.decision = d
-        return (d.action, d.replica_index, float(d.retry_after_ms or 0))
+        d = req.decision = router.route(request, self.snapshot)
+        return (d.action, d.replica_index, d.retry_after_ms or 0.0)
 
     def complete(self, req, ok: bool) -> None:
         d = req.decision
-        if d is not None and d.action in ("serve", "overflow", "degrade"):
-            self.router.complete(d, replica=d.replica, ok=ok)
+        if d is not None and d.action in _HOLDS_A_REPLICA:
+            self.router.complete(d, d.replica, ok)
+
+
+_HOLDS_A_REPLICA = frozenset(("serve", "overflow", "degrade"))
 
 
 # ------------------------------------------------------------------ baselines
