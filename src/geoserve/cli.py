@@ -9,6 +9,8 @@
   global fleet simulation (geoserve.sim), the project's main job.
 * ``geoserve fake-replica [--port P] [--speed X]`` - an OpenAI-compatible fake
   replica paced like a 70B (geoserve.testing; the [gateway] extra).
+* ``geoserve envoy-picker FLEET --region R [--port P]`` - Envoy's ext_proc endpoint
+  picker (geoserve.integrations.envoy; the [envoy] extra; docs/integrations/envoy.md).
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
 """
 
@@ -101,25 +103,58 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fake_replica(args: argparse.Namespace) -> int:
+def _run_until_interrupted(server, banner) -> int:
+    """Start an async ``server`` (``start() -> port``, ``stop()``), print the banner,
+    serve until Ctrl-C, stop it."""
     import asyncio
 
-    from .testing import FakeReplica
-
     async def serve() -> None:
-        replica = FakeReplica(args.model, speed=args.speed, slots=args.slots, replica_id=args.id)
-        port = await replica.start(args.host, args.port)
-        print(f"fake replica {args.id} ({args.model}, speed x{args.speed:g}) on http://{args.host}:{port}", flush=True)
+        port = await server.start()
+        print(banner(port), flush=True)
         try:
             await asyncio.Event().wait()
         finally:
-            await replica.stop()
+            await server.stop()
 
     try:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _fake_replica(args: argparse.Namespace) -> int:
+    from .testing import FakeReplica
+
+    class Server:
+        def __init__(self) -> None:
+            self.replica = FakeReplica(args.model, speed=args.speed, slots=args.slots, replica_id=args.id)
+
+        async def start(self) -> int:
+            return await self.replica.start(args.host, args.port)
+
+        async def stop(self) -> None:
+            await self.replica.stop()
+
+    return _run_until_interrupted(
+        Server(), lambda port: f"fake replica {args.id} ({args.model}, speed x{args.speed:g}) on http://{args.host}:{port}")
+
+
+def _envoy_picker(args: argparse.Namespace) -> int:
+    import logging
+
+    from .integrations.envoy import PickerServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = PickerServer(Topology.from_file(args.fleet), region=args.region, host=args.host, port=args.port,
+                          poll_interval_ms=args.poll_ms, metrics_port=args.metrics_port,
+                          max_body_bytes=args.max_body_bytes, max_hold_ms=args.max_hold_ms)
+
+    def banner(port: int) -> str:
+        metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if args.metrics_port is not None else ""
+        return f"geoserve envoy picker ({args.region}) on {args.host}:{port}{metrics}"
+
+    return _run_until_interrupted(server, banner)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -150,6 +185,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--id", default="fake-0", help="the replica id it reports")
     p.set_defaults(run=_fake_replica)
+    p = sub.add_parser("envoy-picker", help="Envoy's ext_proc endpoint picker (needs [envoy])")
+    p.add_argument("fleet")
+    p.add_argument("--region", required=True, help="the region this picker runs in (the default origin)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9002)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    p.add_argument("--poll-ms", type=float, default=200.0, help="engine signal poll interval")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-hold-ms", type=float, default=250.0, help="longest a queued request is held")
+    p.set_defaults(run=_envoy_picker)
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)

@@ -23,6 +23,7 @@ observed when it was good, so it turns ``stale`` in the snapshot if it stays sil
 from __future__ import annotations
 
 import math
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
@@ -115,8 +116,13 @@ class MetricsPoller:
 
     def __init__(self, targets: Mapping[str, str], *, engine: str = "auto", timeout_s: float = 0.5,
                  health: Optional[FleetHealth] = None, kv_blocks: Optional[Mapping[str, int]] = None,
-                 model: Optional[str] = None, workers: int = 16) -> None:
+                 model: Optional[str] = None, workers: int = 16,
+                 health_urls: Optional[Mapping[str, str]] = None) -> None:
         self.targets = dict(targets)  # replica id -> metrics URL
+        # replica id -> liveness URL (vLLM's and SGLang's /health): a replica whose
+        # metrics answer but whose health check fails (an engine that errors every
+        # request) is a failed probe too
+        self.health_urls = dict(health_urls or {})
         self.engine = engine
         self.timeout_s = timeout_s
         self.health = health
@@ -127,16 +133,23 @@ class MetricsPoller:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="geoserve-metrics")
 
     def _fetch(self, url: str) -> str:
-        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:  # noqa: S310 (operator-given URLs)
-            return response.read(4 << 20).decode("utf-8", "replace")
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:  # noqa: S310 (operator-given URLs)
+                return response.read(4 << 20).decode("utf-8", "replace")
+        except urllib.error.HTTPError as err:  # a non-2xx answer: a failed probe; free its connection
+            err.close()
+            raise
 
     def poll(self, now_ms: float) -> Signals:
         """One round: fresh signals for the replicas that answered; the last good one
         (aging towards ``stale``) for those that did not; probes into ``health``."""
         futures = {rid: self.pool.submit(self._fetch, url) for rid, url in self.targets.items()}
+        checks = {rid: self.pool.submit(self._fetch, url) for rid, url in self.health_urls.items()}
         for rid, future in futures.items():
             try:
                 load = parse_metrics(future.result(), self.engine, self.model)
+                if rid in checks:
+                    checks[rid].result()  # raises HTTPError (an OSError) on a non-2xx answer
             except (OSError, SignalError, ValueError) as err:
                 self.errors[rid] = f"{type(err).__name__}: {err}"
                 ok = False

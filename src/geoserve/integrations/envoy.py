@@ -1,0 +1,497 @@
+"""geoserve as Envoy's endpoint picker: an ``ext_proc`` server (the Gateway API
+Inference Extension's protocol) that routes every request with a :class:`Router`.
+
+``pip install "geoserve[envoy]"``; ``geoserve envoy-picker TOPOLOGY --region R``.
+The Envoy side is in ``docs/integrations/envoy.md`` (the tests load that config).
+
+Per request, on one ``Process`` stream:
+
+1. request headers - ``x-session-id`` (session), ``x-geoserve-priority`` (a class
+   name), ``x-geoserve-origin`` (set by the edge; default the picker's region),
+   ``x-geoserve-version`` (a session's version pin); held, not answered yet;
+2. request body chunks - fed to :class:`~.openai_body.BodyScanner`; the picker
+   decides as soon as it knows the ``model`` and the first ``prefix_blocks`` blocks
+   of ``messages`` / ``prompt`` (or the body has ended), not at the end of a long
+   body. The destination goes out as the ``x-gateway-destination-endpoint`` header
+   (the primary: an ``ORIGINAL_DST`` cluster dials one address) and as ``envoy.lb``
+   dynamic metadata (the primary and the fallbacks in retry order, for Envoy's
+   ``override_host`` load-balancing policy). A client's own destination header is
+   overwritten (or removed when no endpoint is chosen): it cannot steer.
+   Degrade (and an alias) rewrites the body's ``model`` to the deployment's.
+3. response headers - the version is stamped (``x-geoserve-version``) and the
+   router's state is released (served replica from the ``upstream.address``
+   attribute when Envoy sends it; ``ok`` unless 5xx).
+
+Body modes: ``STREAMED`` with ``send_body_without_waiting_for_header_response``
+(the default config: the headers answer waits for the first chunks, each chunk is
+acknowledged after), ``BUFFERED`` (one round trip more; the destination rides on
+the body answer) and ``FULL_DUPLEX_STREAMED`` (the GIE's mode: chunks are echoed
+back). Answers instead of a destination (OpenAI-style JSON error bodies): 400
+malformed body or headers, 404 unknown model or version, 413 body over
+``max_body_bytes``, 429 with ``retry-after`` on shed (or when a queue decision
+does not clear within ``max_hold_ms``), 503 when no replica can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import grpc
+import msgspec
+import xxhash
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from ..errors import RequestError, UnknownModel, UnknownVersion
+from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS
+from ..router import Router
+from ..snapshot import Snapshot
+from ..types import Decision, Request, SignalColumns, Signals
+from .openai_body import BodyError, BodyScanner
+
+__all__ = ["EndpointPicker", "PickerMetrics", "DESTINATION_HEADER", "LB_NAMESPACE"]
+
+log = logging.getLogger("geoserve.envoy")
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+SESSION_HEADER = "x-session-id"
+PRIORITY_HEADER = "x-geoserve-priority"
+ORIGIN_HEADER = "x-geoserve-origin"
+VERSION_HEADER = "x-geoserve-version"
+CHARS_PER_TOKEN = 4  # prompt tokens are estimated from the body's bytes (no tokenizer here)
+
+_MODES = processing_mode_pb2.ProcessingMode
+STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+class PickerMetrics:
+    """Decision counters on a Prometheus registry of their own."""
+
+    def __init__(self, registry=None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.decisions = Counter("geoserve_picker_decisions", "Routing decisions", ["action", "reason"],
+                                 registry=self.registry)
+        self.answers = Counter("geoserve_picker_immediate_responses", "Requests answered by the picker itself",
+                               ["code"], registry=self.registry)
+        self.released = Counter("geoserve_picker_released", "Requests whose router state was released", ["ok"],
+                                registry=self.registry)
+        self.stream_errors = Counter("geoserve_picker_stream_errors", "ext_proc streams that ended in an error",
+                                     registry=self.registry)
+        self.active = Gauge("geoserve_picker_active_streams", "ext_proc streams open", registry=self.registry)
+        self.decide_seconds = Histogram("geoserve_picker_decision_seconds", "Time from request headers to decision",
+                                        buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5),
+                                        registry=self.registry)
+
+
+class _Reject(Exception):
+    """Answer the request here with ``status`` instead of routing it."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", retry_after_s: int = 0) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.retry_after_s = status, message, kind, retry_after_s
+
+
+class _Exchange:
+    """One HTTP request's state on its ext_proc stream."""
+
+    __slots__ = ("headers", "scanner", "body_bytes", "mode", "owed", "decision", "started", "released",
+                 "rewrite", "content_length", "response_body_mode")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.scanner = BodyScanner()
+        self.body_bytes = 0
+        self.mode = STREAMED
+        self.response_body_mode = _MODES.NONE
+        self.owed: list[tuple[bytes, bool]] = []  # body chunks not answered yet
+        self.decision: Optional[Decision] = None
+        self.started = time.perf_counter()
+        self.released = False
+        self.rewrite: Optional[tuple[int, int, bytes]] = None  # model bytes (start, end, replacement)
+        self.content_length: Optional[int] = None
+
+
+class EndpointPicker(pb_grpc.ExternalProcessorServicer):
+    """The ext_proc servicer. ``update(signals)`` installs a new snapshot (the
+    picker's poller calls it); decisions read the latest."""
+
+    def __init__(self, router: Router, *, region: str, max_body_bytes: int = 4 << 20, prefix_blocks: int = 16,
+                 max_hold_ms: float = 250.0, metrics: Optional[PickerMetrics] = None) -> None:
+        if region not in router.fleet.region_index:
+            raise ValueError(f"region {region!r} is not in the topology")
+        self.router = router
+        self.region = region
+        self.max_body_bytes = max_body_bytes
+        self.prefix_blocks = prefix_blocks
+        self.max_hold_ms = max_hold_ms
+        self.metrics = metrics
+        self.snapshot: Optional[Snapshot] = None
+        self._index_endpoints()
+
+    def _index_endpoints(self) -> None:
+        fleet = self.router.fleet
+        self.host_of = [_host_port(e) for e in fleet.endpoints]
+        self.replica_at = {h: fleet.replica_ids[i] for i, h in enumerate(self.host_of)}
+
+    def update(self, signals: "Signals | SignalColumns") -> Snapshot:
+        self.snapshot = snapshot = self.router.snapshot(signals)
+        return snapshot
+
+    # ------------------------------------------------------------ the stream
+    async def Process(self, request_iterator, context):  # noqa: N802 (the gRPC method's name)
+        ex = _Exchange()
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.active.inc()
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if message.HasField("protocol_config"):
+                    ex.mode = message.protocol_config.request_body_mode
+                    ex.response_body_mode = message.protocol_config.response_body_mode
+                    if ex.mode == STREAMED and not message.protocol_config.send_body_without_waiting_for_header_response:
+                        log.error("ext_proc config: STREAMED needs send_body_without_waiting_for_header_response")
+                        yield _immediate(500, "the picker's Envoy config is wrong (see docs/integrations/envoy.md)",
+                                         "server_error")
+                        return
+                if kind == "request_body":
+                    for response in await self._on_body(ex, message.request_body):
+                        yield response
+                        if response.HasField("immediate_response"):
+                            return
+                elif kind == "request_headers":
+                    for response in self._on_headers(ex, message.request_headers):
+                        yield response
+                        if response.HasField("immediate_response"):
+                            return
+                elif kind == "response_headers":
+                    yield self._on_response_headers(ex, message)
+                elif kind == "response_body":
+                    if message.response_body.end_of_stream:
+                        self._release(ex, ok=True)
+                    yield _CONTINUE_RESPONSE_BODY
+                elif kind == "request_trailers":
+                    yield _CONTINUE_TRAILERS
+                elif kind == "response_trailers":
+                    yield _CONTINUE_RESPONSE_TRAILERS
+        except Exception:
+            if metrics is not None:
+                metrics.stream_errors.inc()
+            log.exception("ext_proc stream failed")
+            raise
+        finally:
+            self._release(ex, ok=True)  # a stream that ends early (client gone) gives its slot back
+            if metrics is not None:
+                metrics.active.dec()
+
+    def _on_headers(self, ex: _Exchange, headers) -> list:
+        ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers}
+        length = ex.headers.get("content-length")
+        if length is not None:
+            try:
+                ex.content_length = int(length)
+            except ValueError:
+                return [_immediate(400, "content-length is not a number")]
+            if ex.content_length > self.max_body_bytes:
+                return [self._reject(_Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
+        if headers.end_of_stream:
+            return [self._reject(_Reject(400, "a JSON body with a model is required"))]
+        if ex.mode == BUFFERED:  # the destination rides on the body's answer; the client's header goes now
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER]))))]
+        return []  # held until the body says where to go
+
+    async def _on_body(self, ex: _Exchange, body) -> list:
+        chunk, end = body.body, body.end_of_stream
+        if ex.decision is not None:  # decided: pass the rest through
+            if ex.mode == FULL_DUPLEX:
+                return [_echo(chunk, end)]
+            return [_CONTINUE_BODY]
+        ex.owed.append((chunk, end))
+        ex.body_bytes += len(chunk)
+        try:
+            if ex.body_bytes > self.max_body_bytes:
+                raise _Reject(413, f"the body is over {self.max_body_bytes} bytes")
+            try:
+                ex.scanner.feed(chunk, end)
+            except BodyError as err:
+                raise _Reject(400, str(err)) from None
+            if not self._ready(ex, end):
+                return []
+            if end:
+                try:  # the whole body is here: hold it to full JSON, not just its top level
+                    msgspec.json.decode(bytes(ex.scanner.buffer))
+                except msgspec.DecodeError as err:
+                    raise _Reject(400, f"the body is not valid JSON: {err}") from None
+            decision = await self._decide(ex)
+        except _Reject as reject:
+            return [self._reject(reject)]
+        ex.decision = decision
+        return self._route_answers(ex, decision)
+
+    def _ready(self, ex: _Exchange, end: bool) -> bool:
+        scanner = ex.scanner
+        if end:
+            if scanner.model is None:
+                raise _Reject(400, "the body has no model")
+            return True
+        if scanner.model is None or scanner.prompt_span is None:
+            return False
+        return scanner.prompt_span[1] is not None or len(scanner.prompt_bytes()) >= self.prefix_blocks * TEXT_BLOCK_BYTES
+
+    # ------------------------------------------------------------ the decision
+    def _request(self, ex: _Exchange, waited_ms: float) -> Request:
+        scanner, headers = ex.scanner, ex.headers
+        prompt = scanner.prompt_bytes()
+        complete = scanner.prompt_span is not None and scanner.prompt_span[1] is not None
+        blocks = min(self.prefix_blocks, len(prompt) // TEXT_BLOCK_BYTES)
+        data = prompt[: blocks * TEXT_BLOCK_BYTES] if blocks or not complete else prompt
+        total = ex.content_length if ex.content_length is not None else len(scanner.buffer)
+        return Request(
+            model=scanner.model, origin=headers.get(ORIGIN_HEADER) or self.region,
+            priority=headers.get(PRIORITY_HEADER) or "interactive", version=headers.get(VERSION_HEADER) or None,
+            prompt_tokens=max(1, total // CHARS_PER_TOKEN), max_tokens=scanner.max_tokens or 256,
+            session=headers.get(SESSION_HEADER) or None, prefix=_chain(data), block_tokens=TEXT_BLOCK_TOKENS,
+            waited_ms=waited_ms,
+        )
+
+    async def _decide(self, ex: _Exchange) -> Decision:
+        snapshot = self.snapshot
+        if snapshot is None:
+            raise _Reject(503, "no engine signals yet", "unavailable")
+        router, held_ms = self.router, 0.0
+        while True:
+            try:
+                decision = router.route(self._request(ex, held_ms), snapshot)
+            except (UnknownModel, UnknownVersion) as err:
+                raise _Reject(404, str(err), "not_found_error") from None
+            except RequestError as err:
+                raise _Reject(400, str(err)) from None
+            if self.metrics is not None:
+                self.metrics.decisions.labels(decision.action, decision.reason).inc()
+            if decision.action != "queue":
+                break
+            router.complete(decision)  # give the queue slot back: it asks again
+            wait = float(decision.retry_after_ms or 0)
+            if held_ms + wait > self.max_hold_ms:
+                raise _Reject(429, "the region is busy; retry", "rate_limit_exceeded", _seconds(wait))
+            await asyncio.sleep(wait / 1000.0)
+            held_ms += wait
+            snapshot = self.snapshot
+        if decision.action == "shed":
+            if decision.reason == "no_replica":
+                raise _Reject(503, f"no replica can serve {ex.scanner.model!r} now", "unavailable")
+            raise _Reject(429, f"shed ({decision.reason})", "rate_limit_exceeded", _seconds(decision.retry_after_ms or 1000))
+        if decision.model != ex.scanner.model and ex.scanner.model_span is not None:
+            start, end = ex.scanner.model_span
+            ex.rewrite = (start, end, json.dumps(decision.model).encode())
+        if self.metrics is not None:
+            self.metrics.decide_seconds.observe(time.perf_counter() - ex.started)
+        return decision
+
+    def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
+        primary = self.host_of[decision.replica_index]
+        hosts = [primary] + [self.host_of[self.router.fleet.replica_index[r]] for r in decision.fallbacks]
+        set_headers = [_header(DESTINATION_HEADER, primary)]
+        if ex.rewrite is not None and ex.content_length is not None:
+            start, end, new = ex.rewrite
+            set_headers.append(_header("content-length", str(ex.content_length - (end - start) + len(new))))
+        mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
+        metadata = struct_pb2.Struct()
+        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(hosts)}})
+        owed, ex.owed = ex.owed, []
+        body = b"".join(c for c, _ in owed)
+        if ex.rewrite is not None:
+            start, end, new = ex.rewrite
+            body = body[:start] + new + body[end:]  # the owed chunks start at byte 0: nothing was answered before
+        end = owed[-1][1]
+        if ex.mode == BUFFERED:
+            if ex.rewrite is not None:
+                mutation.body_mutation.body = body
+            return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=mutation), dynamic_metadata=metadata)]
+        answers = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)]
+        if ex.mode == FULL_DUPLEX:
+            answers.append(_echo(body, end))
+        elif ex.rewrite is None:
+            answers.extend(_CONTINUE_BODY for _ in owed)
+        else:  # the rewritten bytes replace the first owed chunk, the others are emptied
+            answers.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(body=body)))))
+            answers.extend(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(clear_body=True)))) for _ in owed[1:])
+        return answers
+
+    def _reject(self, reject: _Reject):
+        if self.metrics is not None:
+            self.metrics.answers.labels(str(reject.status)).inc()
+        extra = [("retry-after", str(reject.retry_after_s))] if reject.retry_after_s else []
+        return _immediate(reject.status, reject.message, reject.kind, extra)
+
+    # ------------------------------------------------------------ the response
+    def _on_response_headers(self, ex: _Exchange, message) -> Any:
+        decision = ex.decision
+        status = 0
+        for h in message.response_headers.headers.headers:
+            if h.key == ":status":
+                status = int(h.raw_value or h.value or 0)
+                break
+        served = None
+        attributes = message.attributes.get("envoy.filters.http.ext_proc")
+        if attributes is not None and "upstream.address" in attributes.fields:
+            served = self.replica_at.get(attributes.fields["upstream.address"].string_value)
+        if ex.response_body_mode == _MODES.NONE or message.response_headers.end_of_stream:
+            self._release(ex, ok=status < 500, replica=served)
+        if decision is None or decision.version is None:
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[_header(VERSION_HEADER, decision.version)]))))
+
+    def _release(self, ex: _Exchange, ok: bool, replica: Optional[str] = None) -> None:
+        if ex.released or ex.decision is None:
+            return
+        ex.released = True
+        self.router.complete(ex.decision, replica=replica, ok=ok)
+        if self.metrics is not None:
+            self.metrics.released.labels("true" if ok else "false").inc()
+
+
+# ---------------------------------------------------------------- helpers
+def _chain(data: bytes) -> tuple:
+    """Chained xxh3 block hashes of the prompt's bytes, 256 bytes a block (as
+    ``geoserve.prefix`` does for text); the last partial block only when the whole
+    prompt is shorter than a block."""
+    out, h = [], 0
+    for i in range(0, len(data), TEXT_BLOCK_BYTES):
+        h = xxhash.xxh3_64_intdigest(data[i: i + TEXT_BLOCK_BYTES], seed=h)
+        out.append(h)
+    return tuple(out)
+
+
+def _host_port(endpoint: str) -> str:
+    """``http://10.0.0.1:8000/v1`` -> ``10.0.0.1:8000`` (what Envoy dials)."""
+    rest = endpoint.split("://", 1)[-1]
+    return rest.split("/", 1)[0]
+
+
+def _seconds(ms: float) -> int:
+    return max(1, math.ceil(ms / 1000.0))
+
+
+def _header(key: str, value: str):
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
+                                      append_action=_OVERWRITE)
+
+
+def _echo(chunk: bytes, end: bool):
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end)))))
+
+
+def _immediate(status: int, message: str, kind: str = "invalid_request_error", extra=()):
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in extra]
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status), headers=pb.HeaderMutation(set_headers=headers), body=body,
+        details=f"geoserve_{status}"))
+
+
+# ---------------------------------------------------------------- the server
+class PickerServer:
+    """The picker with everything around it: a gRPC server (ext_proc and the gRPC
+    health service), the engine-signal poller with health hysteresis feeding a new
+    snapshot every ``poll_interval_ms``, and Prometheus metrics on ``metrics_port``.
+
+    ``await start()`` polls once before it listens, so the first request has a
+    snapshot; ``await stop()`` stops everything it started.
+    """
+
+    def __init__(self, topology, *, region: str, host: str = "127.0.0.1", port: int = 0, policy=None,
+                 poll_interval_ms: float = 200.0, poll_timeout_s: float = 0.5, metrics_port: Optional[int] = None,
+                 health_policy=None, **picker_options) -> None:
+        from ..resilience.health import FleetHealth, HealthPolicy
+        from ..signals import MetricsPoller
+
+        self.router = Router(topology, policy)
+        self.metrics = PickerMetrics()
+        self.picker = EndpointPicker(self.router, region=region, metrics=self.metrics, **picker_options)
+        self.health = FleetHealth.for_topology(topology, health_policy or HealthPolicy())
+        fleet = self.router.fleet
+        hosts = {rid: _host_port(e) for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
+        self.poller = MetricsPoller({rid: f"http://{h}/metrics" for rid, h in hosts.items()},
+                                    health_urls={rid: f"http://{h}/health" for rid, h in hosts.items()},
+                                    health=self.health, timeout_s=poll_timeout_s)
+        self.host, self.port = host, port
+        self.poll_interval_ms = poll_interval_ms
+        self.metrics_port = metrics_port
+        self._server: Optional[grpc.aio.Server] = None
+        self._poll_task: Optional[asyncio.Task] = None
+        self._metrics_server = None
+
+    async def poll_once(self) -> Snapshot:
+        now_ms = time.monotonic() * 1000.0
+        signals = await asyncio.get_running_loop().run_in_executor(None, self.poller.poll, now_ms)
+        return self.picker.update(signals)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_ms / 1000.0)
+            try:
+                await self.poll_once()
+            except Exception:  # a bad round keeps the last snapshot; the next one may do
+                log.exception("signal poll failed")
+
+    async def start(self) -> int:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        await self.poll_once()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+        self.health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            await self.health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self._poll_task = asyncio.create_task(self._poll_forever())
+        if self.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(self.metrics_port, addr=self.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_address[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            try:
+                await self._poll_task
+            except asyncio.CancelledError:
+                pass
+            self._poll_task = None
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        self.poller.close()

@@ -1,0 +1,109 @@
+"""BodyScanner against json.loads: same model, max_tokens and prompt value, whatever the chunking."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from geoserve.integrations.openai_body import BodyError, BodyScanner
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from(list('"\\{}[],: \n')),
+               max_size=40)
+SCALARS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                      max_leaves=12)
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user"]), "content": TEXT}), min_size=1,
+                    max_size=4)
+
+
+@st.composite
+def bodies(draw):
+    body = {}
+    keys = draw(st.permutations(["model", "messages", "max_tokens", "stream", "extra", "prompt"]))
+    for key in keys[: draw(st.integers(1, len(keys)))]:
+        if key == "model":
+            body[key] = draw(TEXT)
+        elif key == "messages":
+            body[key] = draw(MESSAGES)
+        elif key == "prompt":
+            body[key] = draw(TEXT)
+        elif key == "max_tokens":
+            body[key] = draw(st.integers(1, 4096))
+        else:
+            body[key] = draw(VALUES)
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]))
+    raw = json.dumps(body, separators=separators, ensure_ascii=draw(st.booleans())).encode()
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    return body, raw, cuts
+
+
+def feed_all(raw: bytes, cuts: list) -> BodyScanner:
+    scanner = BodyScanner()
+    edges = [0] + cuts + [len(raw)]
+    for i in range(len(edges) - 1):
+        scanner.feed(raw[edges[i]:edges[i + 1]], end=i == len(edges) - 2)
+    return scanner
+
+
+@given(bodies())
+def test_scanner_reads_what_json_reads(case):
+    body, raw, cuts = case
+    scanner = feed_all(raw, cuts)
+    assert scanner.complete
+    assert scanner.model == body.get("model")
+    assert scanner.max_tokens == body.get("max_tokens")
+    first_prompt_key = next((k for k in body if k in ("messages", "prompt")), None)
+    if first_prompt_key is None:
+        assert scanner.prompt_span is None
+    else:
+        assert json.loads(scanner.prompt_bytes()) == body[first_prompt_key]
+        start, end = scanner.prompt_span
+        assert end is not None and raw[start:end] == scanner.prompt_bytes()
+    if "model" in body:
+        start, end = scanner.model_span
+        assert json.loads(raw[start:end]) == body["model"]
+
+
+@given(bodies(), st.data())
+def test_a_truncated_body_is_an_error_and_the_prefix_is_never_wrong(case, data):
+    body, raw, _ = case
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    scanner = BodyScanner()
+    scanner.feed(raw[:cut])  # whatever arrived so far: no error, no wrong value
+    if scanner.model is not None:
+        assert scanner.model == body["model"]
+    if scanner.prompt_span is not None:  # what arrived of the prompt is a prefix of its bytes
+        assert raw.startswith(scanner.prompt_bytes(), scanner.prompt_span[0])
+    with pytest.raises(BodyError):
+        scanner.feed(b"", end=True)
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"[1,2]", "JSON object"),
+    (b'"model"', "JSON object"),
+    (b'{"model": 7}', "model must be a string"),
+    (b'{"model": "m", "max_tokens": "ten"}', "max_tokens"),
+    (b'{"model": "m", "max_tokens": 0}', "max_tokens"),
+    (b'{"model": "m" "x": 1}', "','"),
+    (b'{"model" "m"}', "':'"),
+    (b'{model: "m"}', "key"),
+    (b'{"model": "m"} x', "after the JSON object"),
+    (b'{"model": "m"', "complete JSON object"),
+    (b'', "complete JSON object"),
+])
+def test_malformed_bodies(raw, message):
+    with pytest.raises(BodyError, match=message):
+        BodyScanner().feed(raw, end=True)
+
+
+def test_model_before_a_long_prompt_is_known_early():
+    prompt = "x" * 200_000
+    raw = json.dumps({"model": "chat", "messages": [{"role": "user", "content": prompt}]}).encode()
+    scanner = BodyScanner()
+    scanner.feed(raw[:8192])
+    assert scanner.model == "chat" and scanner.prompt_span == (scanner.prompt_span[0], None)
+    assert len(scanner.prompt_bytes()) > 8000
+    for i in range(8192, len(raw), 16384):
+        scanner.feed(raw[i:i + 16384], end=i + 16384 >= len(raw))
+    assert scanner.complete and json.loads(scanner.prompt_bytes())[0]["content"] == prompt
