@@ -43,6 +43,7 @@ from typing import Any, Optional
 
 import grpc
 import msgspec
+import numpy as np
 import xxhash
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -315,8 +316,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             start, end, new = ex.rewrite
             set_headers.append(_header("content-length", str(ex.content_length - (end - start) + len(new))))
         mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
-        metadata = struct_pb2.Struct()
-        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(hosts)}})
+        metadata = struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=struct_pb2.Struct(
+            fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
         owed, ex.owed = ex.owed, []
         body = b"".join(c for c, _ in owed)
         if ex.rewrite is not None:
@@ -374,15 +375,17 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
 
 # ---------------------------------------------------------------- helpers
-def _chain(data: bytes) -> tuple:
+def _chain(data: bytes) -> np.ndarray:
     """Chained xxh3 block hashes of the prompt's bytes, 256 bytes a block (as
-    ``geoserve.prefix`` does for text); the last partial block only when the whole
-    prompt is shorter than a block."""
-    out, h = [], 0
-    for i in range(0, len(data), TEXT_BLOCK_BYTES):
+    ``geoserve.prefix`` does for text), as the uint64 array the compiled boundary
+    takes; the caller passes a partial last block only when the whole prompt is
+    shorter than a block."""
+    out = np.empty(-(-len(data) // TEXT_BLOCK_BYTES), dtype=np.uint64)
+    h = 0
+    for k, i in enumerate(range(0, len(data), TEXT_BLOCK_BYTES)):
         h = xxhash.xxh3_64_intdigest(data[i: i + TEXT_BLOCK_BYTES], seed=h)
-        out.append(h)
-    return tuple(out)
+        out[k] = h
+    return out
 
 
 def _host_port(endpoint: str) -> str:

