@@ -1,0 +1,148 @@
+"""The picker's side of the ext_proc protocol, message by message (no Envoy): when it
+answers, in which order, and what it writes. The end-to-end behaviour with a real
+Envoy is in test_envoy_picker.py."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("envoy.service.ext_proc.v3.external_processor_pb2")
+
+import geoserve as g  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm  # noqa: E402
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
+from geoserve.integrations.envoy import DESTINATION_HEADER, EndpointPicker  # noqa: E402
+
+MODES = pm.ProcessingMode
+
+
+def picker(fallback: bool = False) -> EndpointPicker:
+    def dep(model, region, ids, slots=8):
+        return g.Deployment(model=model, version="v1", region=region, decode_slots=slots,
+                            replicas=tuple(g.ReplicaSpec(id=i, endpoint=f"10.0.{int(model == 'small')}.{k + 1}:8000")
+                                           for k, i in enumerate(ids)))
+
+    deployments = [dep("big", "us", ("b0", "b1"))] + ([dep("small", "us", ("s0",))] if fallback else [])
+    router = g.Router(g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=tuple(deployments),
+                                 fallbacks={"big": "small"} if fallback else {}))
+    p = EndpointPicker(router, region="us")
+    n = router.fleet.n_replicas
+    busy = np.array([8 if rid.startswith("b") and fallback else 0 for rid in router.fleet.replica_ids], np.int32)
+    p.update(g.SignalColumns(now_ms=0.0, observed_ms=np.zeros(n), in_flight=busy, queue_depth=busy))
+    return p
+
+
+def headers(pairs, mode=MODES.STREAMED):
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=mode, send_body_without_waiting_for_header_response=True))
+
+
+def chunk(data: bytes, end: bool):
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+class Stream:
+    """Feeds messages one at a time and collects what the picker answers to each."""
+
+    def __init__(self, p: EndpointPicker) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.answers: list = []
+        self.task = asyncio.ensure_future(self._run(p))
+
+    async def _iterate(self):
+        while True:
+            message = await self.queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def _run(self, p) -> None:
+        async for answer in p.Process(self._iterate(), None):
+            self.answers.append(answer)
+
+    async def send(self, message) -> list:
+        before = len(self.answers)
+        await self.queue.put(message)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return [a.WhichOneof("response") for a in self.answers[before:]]
+
+
+def destination(answer) -> str:
+    response = answer.request_headers.response if answer.HasField("request_headers") else answer.request_body.response
+    return {h.header.key: h.header.raw_value.decode() for h in response.header_mutation.set_headers}[DESTINATION_HEADER]
+
+
+def test_decides_on_the_first_chunks_of_a_long_body_and_acks_the_rest():
+    async def run():
+        p = picker()
+        body = json.dumps({"model": "big", "messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+        s = Stream(p)
+        assert await s.send(headers([("content-length", str(len(body)))])) == []  # held
+        assert await s.send(chunk(body[:2048], False)) == []  # model known, 16 blocks not yet
+        got = await s.send(chunk(body[2048:8192], False))
+        assert got == ["request_headers", "request_body", "request_body"]  # decided: headers, then the two chunks
+        assert destination(s.answers[0]) in ("10.0.0.1:8000", "10.0.0.2:8000")
+        lb = s.answers[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields[DESTINATION_HEADER].string_value
+        assert lb.split(",")[0] == destination(s.answers[0]) and len(lb.split(",")) == 2  # primary, then fallback
+        for i in range(8192, len(body), 16384):
+            assert await s.send(chunk(body[i:i + 16384], i + 16384 >= len(body))) == ["request_body"]
+        await s.queue.put(None)
+        await s.task
+
+    asyncio.run(run())
+
+
+def test_degrade_rewrites_the_model_and_content_length():
+    async def run():
+        p = picker(fallback=True)  # every big replica is full: the request degrades to small
+        body = b'{"model": "big", "prompt": "hello", "max_tokens": 8}'
+        s = Stream(p)
+        await s.send(headers([("content-length", str(len(body)))]))
+        assert await s.send(chunk(body[:10], False)) == []
+        assert await s.send(chunk(body[10:], True)) == ["request_headers", "request_body", "request_body"]
+        first = s.answers[0].request_headers.response
+        set_headers = {h.header.key: h.header.raw_value.decode() for h in first.header_mutation.set_headers}
+        new_body = s.answers[1].request_body.response.body_mutation.body
+        assert json.loads(new_body)["model"] == "small"
+        assert set_headers["content-length"] == str(len(new_body))
+        assert destination(s.answers[0]) == "10.0.1.1:8000"
+        assert s.answers[2].request_body.response.body_mutation.clear_body  # the second chunk's bytes moved to the first
+        await s.queue.put(None)
+        await s.task
+
+    asyncio.run(run())
+
+
+def test_buffered_mode_answers_headers_first_and_routes_on_the_body():
+    async def run():
+        p = picker()
+        s = Stream(p)
+        got = await s.send(headers([("x-gateway-destination-endpoint", "6.6.6.6:1")], MODES.BUFFERED))
+        assert got == ["request_headers"]
+        removed = s.answers[0].request_headers.response.header_mutation.remove_headers
+        assert list(removed) == [DESTINATION_HEADER]  # the client's header goes at once
+        assert await s.send(chunk(b'{"model": "big", "prompt": "hi"}', True)) == ["request_body"]
+        assert destination(s.answers[1]) in ("10.0.0.1:8000", "10.0.0.2:8000")
+        await s.queue.put(None)
+        await s.task
+
+    asyncio.run(run())
+
+
+def test_a_streamed_config_without_early_body_is_refused_clearly():
+    async def run():
+        p = picker()
+        s = Stream(p)
+        message = headers([])
+        message.protocol_config.send_body_without_waiting_for_header_response = False
+        assert await s.send(message) == ["immediate_response"]
+        assert s.answers[0].immediate_response.status.code == 500
+        await s.task
+
+    asyncio.run(run())
