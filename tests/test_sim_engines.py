@@ -9,7 +9,7 @@ import pytest
 
 from geoserve.sim import POLICIES, Simulation, default_scenario, simulate
 from geoserve.sim.report import to_json
-from geoserve.sim.scenario import Fault
+from geoserve.sim.scenario import Fault, ResilienceSpec, SpillCaps
 
 pytestmark = pytest.mark.usefixtures("native_available")
 
@@ -26,6 +26,11 @@ CASES = {
         Fault(kind="flap", replica="us-east/llama-70b/0", start_s=2.0, end_s=40.0, period_s=2.0),
         Fault(kind="signal_delay", start_s=15.0, end_s=35.0, delay_ms=400.0),
     ), windows={}),
+    "resilience": scenario(faults=(
+        Fault(kind="outage", region="ap-northeast", start_s=10.0, end_s=25.0),
+        Fault(kind="flap", replica="us-east/llama-70b/0", start_s=2.0, end_s=40.0, period_s=2.0),
+    ), windows={}, resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=3.0, pair_burst=3.0,
+                                                            rescuer_rate_per_s=4.0, rescuer_burst=4.0))),
     "overload": msgspec.structs.replace(scenario(faults=(), windows={}),
                                         demand=msgspec.structs.replace(default_scenario().demand, mean_rate=160.0)),
 }

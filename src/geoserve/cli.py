@@ -6,7 +6,8 @@
   JSON, from files: a replayable record of (request, snapshot, policy). Without
   ``--signals`` every replica is idle and healthy.
 * ``geoserve simulate [SCENARIO] [--policies a,b] [--json FILE] [--plot DIR]`` - the
-  global fleet simulation (geoserve.sim), the project's main job.
+  global fleet simulation (geoserve.sim), the project's main job; ``--bad-days``
+  runs the resilience scenarios instead (geoserve.sim.bad_days).
 * ``geoserve fake-replica [--port P] [--speed X]`` - an OpenAI-compatible fake
   replica paced like a 70B (geoserve.testing; the [gateway] extra).
 * ``geoserve envoy-picker FLEET --region R [--port P]`` - Envoy's ext_proc endpoint
@@ -68,6 +69,21 @@ def _decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_days(args: argparse.Namespace) -> int:
+    import json
+
+    from .sim.bad_days import POLICIES as BAD_DAY_POLICIES, run_bad_days
+
+    policies = tuple(args.policies.split(",")) if args.policies else BAD_DAY_POLICIES
+    report = run_bad_days(policies, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    text = json.dumps(report, indent=1, sort_keys=True)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     import msgspec as _msgspec
 
@@ -75,6 +91,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from .sim.report import plot, print_table, to_json
     from .sim.scenario import load_scenario
 
+    if args.bad_days:
+        return _bad_days(args)
     scenario = load_scenario(args.scenario) if args.scenario else default_scenario()
     if args.seed is not None:
         scenario = _msgspec.structs.replace(scenario, seed=args.seed)
@@ -176,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, help="override the scenario's seed")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts (needs the [sim] extra)")
+    p.add_argument("--bad-days", action="store_true",
+                   help="the resilience scenarios (outage with spill caps, brownout, flapping; docs/resilience.md)")
     p.set_defaults(run=_simulate)
     p = sub.add_parser("fake-replica", help="an OpenAI-compatible fake replica paced like a 70B (needs [gateway])")
     p.add_argument("--host", default="127.0.0.1")

@@ -523,7 +523,7 @@ cdef class Engine:
         for k in range(done.size()):
             q = done[k]
             self.completion[q] = t + self.back(q) - self.arrival[q]
-            self.policy.complete(self.reqs[q], True)
+            self.policy.complete(self.reqs[q], True, t)
         while not self.r_waiting[r].empty() and self.r_in_use[r] < self.r_slots[r]:
             q = self.r_waiting[r].front()
             self.r_waiting[r].pop_front()
@@ -535,7 +535,7 @@ cdef class Engine:
         if self.attempts[q] != attempt:
             return
         req = self.reqs[q]
-        self.policy.complete(req, False)
+        self.policy.complete(req, False, t)
         if not isnan(self.ttft[q]):  # failed after its first token: never retried
             self._terminal(q, LOST)
             return

@@ -235,7 +235,7 @@ class Simulation:
             return  # superseded by a later change of the batch
         for req in replica.finish_due(t):
             req.completion_ms = t + self._back(req) - req.arrival_ms
-            self.policy.complete(req, True)
+            self.policy.complete(req, True, t)
         for req, end in replica.start_waiting(t):
             self.push(end, PREFILL, req, req.attempts)
         self._reschedule(replica)
@@ -243,7 +243,7 @@ class Simulation:
     def _failed(self, req: SimRequest, attempt: int, t: float) -> None:
         if req.attempts != attempt:
             return
-        self.policy.complete(req, False)
+        self.policy.complete(req, False, t)
         if req.ttft_ms == req.ttft_ms:  # failed after its first token: never retried
             self._terminal(req, "lost", t)
             return

@@ -22,6 +22,7 @@ import math
 from collections import OrderedDict
 from typing import Callable
 
+import msgspec
 import numpy as np
 import xxhash
 
@@ -114,7 +115,7 @@ class RoutingPolicy:
         self.sent(req, r)
         return ("serve" if self.region_of[r] == self.home(req) else "overflow", r, 0.0)
 
-    def complete(self, req, ok: bool) -> None:
+    def complete(self, req, ok: bool, now: float) -> None:
         if req.replica >= 0 and self.outstanding[req.replica] > 0:
             self.outstanding[req.replica] -= 1
 
@@ -206,8 +207,11 @@ class Geoserve(RoutingPolicy):
         self.router = sim.router
         self.snapshot = None
         self.ids = self.fleet.replica_ids
+        self.guard = _Guard(sim) if sim.scenario.resilience is not None else None
 
     def on_signals(self, columns, usable) -> None:
+        if self.guard is not None:
+            columns = self.guard.fold(columns)
         self.snapshot = self.router.snapshot(columns)
 
     def route(self, req, now: float):
@@ -222,12 +226,62 @@ class Geoserve(RoutingPolicy):
             now - req.arrival_ms,
         )
         d = req.decision = router.route(request, self.snapshot)
+        if self.guard is not None and d.replica is not None and d.action != "queue":
+            self.guard.sent(d, req.origin, now)
         return (d.action, d.replica_index, d.retry_after_ms or 0.0)
 
-    def complete(self, req, ok: bool) -> None:
+    def complete(self, req, ok: bool, now: float) -> None:
         d = req.decision
         if d is not None and d.action in _HOLDS_A_REPLICA:
             self.router.complete(d, d.replica, ok)
+            if self.guard is not None:
+                self.guard.result(d.replica, ok, now)
+
+
+class _Guard:
+    """geoserve.resilience around the router, as a gateway runs it: each signal round
+    is a liveness probe per replica (health with hysteresis), each request result
+    feeds outlier ejection, each overflow spends spill tokens; all of it folded into
+    the next snapshot's columns (``healthy``, ``spill``), none of it in the kernel."""
+
+    def __init__(self, sim) -> None:
+        from ..resilience import FleetHealth, OutlierDetector, SpillBudget
+
+        spec = sim.scenario.resilience
+        topology = sim.router.fleet.topology
+        self.ids = list(sim.router.fleet.replica_ids)
+        self.health = FleetHealth.for_topology(topology, spec.health)
+        self.outliers = OutlierDetector.for_topology(topology, spec.ejection)
+        caps = spec.spill
+        self.spill = None if caps is None else SpillBudget(
+            topology.regions, pair_rate_per_s=caps.pair_rate_per_s, pair_burst=caps.pair_burst,
+            rescuer_rate_per_s=caps.rescuer_rate_per_s, rescuer_burst=caps.rescuer_burst)
+        self.home_region = {loc: topology.regions[int(g)] for loc, g in zip(sim.router.fleet.locations, sim.router.fleet.home)}
+        self.spilled: list = []  # (time ms, origin region, rescuer) of every overflow sent
+
+    def fold(self, columns):
+        now = columns.now_ms
+        alive = np.asarray(columns.healthy)
+        up = {}
+        for rid, ok in zip(self.ids, alive.tolist()):
+            up[rid] = self.health.probe(rid, ok, now)
+        ejected = self.outliers.excluded(now, up)
+        healthy = np.array([up[rid] and rid not in ejected for rid in self.ids], dtype=bool)
+        spill = self.spill.allowances(now) if self.spill is not None else ()
+        return msgspec.structs.replace(columns, healthy=healthy, spill=spill, regions_down=self.health.regions_down())
+
+    def sent(self, d, origin: str, now: float) -> None:
+        self.outliers.sent(d.replica, now)
+        home = self.home_region[origin]
+        if d.region != home:
+            self.spilled.append((now, home, d.region))
+            if self.spill is not None:
+                self.spill.record_decision(d, home, now)
+
+    def result(self, replica: str, ok: bool, now: float) -> None:
+        self.outliers.record(replica, ok, now)
+        if not ok:  # a failed request is a failed probe too (passive health checking)
+            self.health.probe(replica, False, now)
 
 
 _HOLDS_A_REPLICA = frozenset(("serve", "overflow", "degrade"))
@@ -407,10 +461,10 @@ class DynamoKV(RoutingPolicy):
         super().on_signals(columns, usable)
         self.prefill_blocks = [0] * self.fleet.n_replicas  # a signal period later, routed prefills are done
 
-    def complete(self, req, ok):
+    def complete(self, req, ok, now):
         if req.replica >= 0:
             self.decode_blocks[req.replica] = max(0, self.decode_blocks[req.replica] - len(req.prefix) - -(-req.output_tokens // req.block_tokens))
-        super().complete(req, ok)
+        super().complete(req, ok, now)
 
 
 @register

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import msgspec
 
 from ..config import _field_of, _message_of
 from ..errors import ConfigError
+from ..resilience import EjectionPolicy, HealthPolicy
 
-__all__ = ["Scenario", "FleetSpec", "DemandSpec", "Fault", "default_scenario", "load_scenario"]
+__all__ = ["Scenario", "FleetSpec", "DemandSpec", "Fault", "ResilienceSpec", "SpillCaps", "default_scenario", "load_scenario"]
 
 
 class FleetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -68,6 +70,28 @@ class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     delay_ms: float = 0.0  # signal_delay
 
 
+class SpillCaps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Token buckets on overflow: per (origin -> rescuer) pair and per rescuer."""
+
+    pair_rate_per_s: float = 25.0
+    pair_burst: float = 50.0
+    rescuer_rate_per_s: float = 40.0
+    rescuer_burst: float = 80.0
+
+
+class ResilienceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The machines geoserve's policy runs around its router (``geoserve.resilience``):
+    health with hysteresis fed by each signal round's liveness, outlier ejection fed
+    by request results, and spill caps. Absent (the default scenario): the bare router."""
+
+    # One failed scrape marks a replica down: the simulated scrape has no false
+    # negatives (a dead replica never answers), so waiting for three only sends
+    # requests into a dead region; coming back still takes two good rounds.
+    health: HealthPolicy = HealthPolicy(fail_threshold=1, recover_threshold=2)
+    ejection: EjectionPolicy = EjectionPolicy()
+    spill: Optional[SpillCaps] = SpillCaps()
+
+
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str = "seed-compressed"
     seed: int = 7
@@ -80,6 +104,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     demand: DemandSpec = DemandSpec()
     faults: tuple[Fault, ...] = (Fault(kind="outage", region="ap-northeast", start_s=40.0, end_s=70.0),)
     windows: dict[str, tuple[float, float]] = msgspec.field(default_factory=lambda: {"apac_outage": (40.0, 70.0)})
+    resilience: Optional[ResilienceSpec] = None
 
     def validate(self) -> "Scenario":
         f = self.fleet

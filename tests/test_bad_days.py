@@ -1,0 +1,46 @@
+"""The resilience scenarios (geoserve.sim.bad_days): what docs/resilience.md reports,
+held as properties so a regression shows up here (the whole run takes seconds)."""
+
+import pytest
+
+from geoserve.sim.bad_days import bad_day_scenarios, run_bad_days
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_bad_days()
+
+
+def test_outage_every_apac_interactive_request_is_answered_within_spill_caps(report):
+    g = report["outage"]["geoserve"]
+    assert g["apac_interactive"] > 300
+    assert g["apac_interactive_answered"] == g["apac_interactive"]  # none shed, none lost
+    assert g["rescued_within_own_cross_budget"] >= 0.98
+    caps = g["spill"]["caps"]
+    for pair, sent in g["spill"].items():
+        if pair != "caps":
+            assert sent["max_per_second"] <= caps["pair_per_second_max"], pair
+    by_class = g["all_traffic_by_class"]
+    assert by_class["interactive"]["shed"] <= by_class["batch"]["shed"] + by_class["best_effort"]["shed"]
+
+
+def test_brownout_moves_new_traffic_away_and_beats_priority_failover(report):
+    g, e = report["brownout"]["geoserve"], report["brownout"]["envoy_priority"]
+    assert g["20-60s"]["eu_share_of_new_traffic"] <= 0.5 * g["before"]["eu_share_of_new_traffic"]
+    assert g["10-20s"]["eu_share_of_new_traffic"] < g["0-10s"]["eu_share_of_new_traffic"] < g["before"]["eu_share_of_new_traffic"]
+    for window in ("0-10s", "10-20s", "20-60s"):
+        assert g[window]["eu_origin_interactive_sla"] > e[window]["eu_origin_interactive_sla"]
+
+
+def test_a_flapping_replica_gets_under_five_percent_of_its_steady_traffic(report):
+    g, e = report["flapping"]["geoserve"], report["flapping"]["envoy_priority"]
+    assert g["steady_run_requests"] > 50
+    assert g["share_of_steady"] < 0.05
+    assert g["lost"] < e["lost"]
+
+
+def test_the_scenarios_switch_the_machines_on_and_the_default_does_not():
+    from geoserve.sim import default_scenario
+
+    assert default_scenario().resilience is None
+    assert all(s.resilience is not None for s in bad_day_scenarios().values())
