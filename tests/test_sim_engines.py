@@ -29,8 +29,10 @@ CASES = {
     "resilience": scenario(faults=(
         Fault(kind="outage", region="ap-northeast", start_s=10.0, end_s=25.0),
         Fault(kind="flap", replica="us-east/llama-70b/0", start_s=2.0, end_s=40.0, period_s=2.0),
-    ), windows={}, resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=3.0, pair_burst=3.0,
-                                                            rescuer_rate_per_s=4.0, rescuer_burst=4.0))),
+        Fault(kind="brownout", region="eu-west", start_s=5.0, end_s=30.0, factor=3.0),
+    ), windows={}, engine_timings=True,
+        resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=3.0, pair_burst=3.0, rescuer_rate_per_s=4.0,
+                                                  rescuer_burst=4.0))),
     "overload": msgspec.structs.replace(scenario(faults=(), windows={}),
                                         demand=msgspec.structs.replace(default_scenario().demand, mean_rate=160.0)),
 }

@@ -92,6 +92,8 @@ cdef class Engine:
     cdef int64_t seq, pending_work
     cdef double now, signal_interval, signal_delay, end_ms, max_age
     cdef int max_attempts
+    cdef bint engine_timings
+    cdef vector[double] prefill_rate
 
     def __init__(self, sim, progress=None):
         self.sim = sim
@@ -105,6 +107,9 @@ cdef class Engine:
         self.model_names = list(fleet.models)
         self.signal_interval = sim.scenario.signal_interval_ms
         self.max_attempts = sim.scenario.max_attempts
+        self.engine_timings = sim.scenario.engine_timings
+        for v in fleet.default_prefill_ms_per_token:
+            self.prefill_rate.push_back(v)
         self.max_age = fleet.policy.signal_max_age_ms
         self.end_ms = sim.scenario.duration_s * 1000.0
         self.deliveries = {}
@@ -286,7 +291,20 @@ cdef class Engine:
             run_v[r] = self.r_in_use[r] - backlog
             wait_v[r] = <int>self.r_waiting[r].size() + backlog
             used[self.r_region[r]] += self.r_in_use[r]
-        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
+        timings = {}
+        cdef double* tpot_v
+        cdef double* rate_v
+        if self.engine_timings:  # measured: the current step and the prefill rate, slowdowns included
+            tpot = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+            rate = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+            tpot_v = <double*>cnp.PyArray_DATA(tpot)
+            rate_v = <double*>cnp.PyArray_DATA(rate)
+            for r in range(self.n_rep):
+                tpot_v[r] = self.step_ms(r, self.r_batch[r])
+                rate_v[r] = self.prefill_rate[r] * self.r_slow[r]
+            timings = {"tpot_ms": tpot, "prefill_ms_per_token": rate}
+        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting,
+                                **timings)
         self.sim.slot_samples.append((t, used))
         if self.signal_delay > 0:
             self.push(t + self.signal_delay, DELIVER, 0, 0)

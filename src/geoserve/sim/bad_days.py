@@ -36,7 +36,7 @@ FLAPPING_REPLICA = "us-east/llama-70b/3"
 
 
 def bad_day_scenarios() -> dict[str, Scenario]:
-    base = msgspec.structs.replace(default_scenario(), resilience=ResilienceSpec())
+    base = msgspec.structs.replace(default_scenario(), resilience=ResilienceSpec(), engine_timings=True)
     return {
         "outage": msgspec.structs.replace(base, name="apac-outage-at-peak", duration_s=100.0,
                                           windows={"outage": (40.0, 70.0)}),

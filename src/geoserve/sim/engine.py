@@ -177,7 +177,13 @@ class Simulation:
             healthy[i] = r.alive
             running[i], waiting[i] = r.signals(t)
             used[r.region] += r.in_use
-        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting)
+        timings = {}
+        if self.scenario.engine_timings:  # measured: the current step and the prefill rate, slowdowns included
+            rate = self.fleet.default_prefill_ms_per_token
+            timings = {"tpot_ms": np.array([r.step_ms(r.batch) for r in self.replicas]),
+                       "prefill_ms_per_token": np.array([rate[i] * r.slow for i, r in enumerate(self.replicas)])}
+        columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting,
+                                **timings)
         usable = healthy & (t - observed <= self.fleet.policy.signal_max_age_ms)
         self.slot_samples.append((t, used))
         if self.signal_delay_ms > 0:

@@ -105,6 +105,10 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     faults: tuple[Fault, ...] = (Fault(kind="outage", region="ap-northeast", start_s=40.0, end_s=70.0),)
     windows: dict[str, tuple[float, float]] = msgspec.field(default_factory=lambda: {"apac_outage": (40.0, 70.0)})
     resilience: Optional[ResilienceSpec] = None
+    # Engines report their measured step time and prefill rate with the load (vLLM's
+    # time-per-output-token and prefill histograms): a slowed replica shows in the
+    # next signal round instead of only through the queues it builds.
+    engine_timings: bool = False
 
     def validate(self) -> "Scenario":
         f = self.fleet
