@@ -39,8 +39,17 @@ def test_a_flapping_replica_gets_under_five_percent_of_its_steady_traffic(report
     assert g["lost"] < e["lost"]
 
 
+def test_a_bad_canary_is_rolled_back_contained_and_no_session_sees_two_versions(report):
+    g, e = report["canary"]["geoserve"], report["canary"]["envoy_priority"]
+    assert any("rolled back" in event for event in g["rollout"])
+    assert set(g["new_version_served_by_region"]) == {"ap-northeast"}
+    assert g["sessions_switched_version_silently"] == 0
+    assert e["sessions_switched_version_silently"] > 0 and len(e["new_version_served_by_region"]) == 3
+
+
 def test_the_scenarios_switch_the_machines_on_and_the_default_does_not():
     from geoserve.sim import default_scenario
 
     assert default_scenario().resilience is None
+    assert default_scenario().canary is None
     assert all(s.resilience is not None for s in bad_day_scenarios().values())

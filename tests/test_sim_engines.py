@@ -9,7 +9,7 @@ import pytest
 
 from geoserve.sim import POLICIES, Simulation, default_scenario, simulate
 from geoserve.sim.report import to_json
-from geoserve.sim.scenario import Fault, ResilienceSpec, SpillCaps
+from geoserve.sim.scenario import CanarySpec, Fault, ResilienceSpec, SpillCaps
 
 pytestmark = pytest.mark.usefixtures("native_available")
 
@@ -30,7 +30,7 @@ CASES = {
         Fault(kind="outage", region="ap-northeast", start_s=10.0, end_s=25.0),
         Fault(kind="flap", replica="us-east/llama-70b/0", start_s=2.0, end_s=40.0, period_s=2.0),
         Fault(kind="brownout", region="eu-west", start_s=5.0, end_s=30.0, factor=3.0),
-    ), windows={}, engine_timings=True,
+    ), windows={}, engine_timings=True, canary=CanarySpec(slow_factor=3.0, window_s=8.0, min_requests=10),
         resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=3.0, pair_burst=3.0, rescuer_rate_per_s=4.0,
                                                   rescuer_burst=4.0))),
     "overload": msgspec.structs.replace(scenario(faults=(), windows={}),

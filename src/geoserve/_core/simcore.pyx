@@ -541,7 +541,7 @@ cdef class Engine:
         for k in range(done.size()):
             q = done[k]
             self.completion[q] = t + self.back(q) - self.arrival[q]
-            self.policy.complete(self.reqs[q], True, t)
+            self.policy.complete(self.reqs[q], True, t, self.ttft[q])
         while not self.r_waiting[r].empty() and self.r_in_use[r] < self.r_slots[r]:
             q = self.r_waiting[r].front()
             self.r_waiting[r].pop_front()
@@ -553,7 +553,7 @@ cdef class Engine:
         if self.attempts[q] != attempt:
             return
         req = self.reqs[q]
-        self.policy.complete(req, False, t)
+        self.policy.complete(req, False, t, NAN)
         if not isnan(self.ttft[q]):  # failed after its first token: never retried
             self._terminal(q, LOST)
             return

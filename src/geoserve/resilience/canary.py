@@ -13,9 +13,10 @@ the order they switch (smallest first); a :class:`Rollout` runs it:
 * **the gate** - after each stage's ``window_ms`` with at least ``min_requests``
   observed on the new version in that region, an error rate above
   ``max_error_rate`` or a p99 TTFT above ``max_p99_ttft_ms`` rolls back (the new
-  version drains everywhere; sessions pinned to it get no replica - HTTP 503 - and
-  start over, rather than being silently moved); otherwise the next region
-  switches, and after the last one the rollout is promoted.
+  version drains everywhere; a session pinned to it is degraded to the fallback
+  model where there is one - the decision says so - or else gets no replica, HTTP
+  503, and starts over: never silently moved to the old version); otherwise the
+  next region switches, and after the last one the rollout is promoted.
 """
 
 from __future__ import annotations

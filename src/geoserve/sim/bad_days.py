@@ -13,8 +13,9 @@ and demand (docs/resilience.md has the numbers and how to read them):
 * ``flapping`` - one US replica down and up every 2 s from 20 s to 100 s: the share
   of traffic it still gets against a steady run, and how many decisions changed.
 
-A canary of a bad version is not simulated yet (the simulated fleet has one
-version); ``geoserve.resilience.Rollout`` is tested with an injected clock only.
+* ``canary`` - a new version three times slower, pre-staged in every region and
+  rolled out APAC first: is it rolled back, did any session see two versions
+  without being told, did any other region serve it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from .engine import Simulation, _fresh
 from .report import ANSWERED, budgets
-from .scenario import Fault, ResilienceSpec, Scenario, SpillCaps, default_scenario
+from .scenario import CanarySpec, Fault, ResilienceSpec, Scenario, SpillCaps, default_scenario
 
 __all__ = ["bad_day_scenarios", "run_bad_days", "POLICIES"]
 
@@ -44,6 +45,9 @@ def bad_day_scenarios() -> dict[str, Scenario]:
             base, name="apac-outage-tight-spill-caps", duration_s=100.0, windows={"outage": (40.0, 70.0)},
             resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=8.0, pair_burst=16.0,
                                                       rescuer_rate_per_s=10.0, rescuer_burst=20.0))),
+        "canary": msgspec.structs.replace(
+            base, name="bad-canary-in-apac", duration_s=100.0, faults=(), windows={},
+            canary=CanarySpec(slow_factor=3.0)),
         "brownout": msgspec.structs.replace(
             base, name="eu-brownout-3x", duration_s=200.0,
             faults=(Fault(kind="brownout", region="eu-west", start_s=120.0, end_s=180.0, factor=3.0),),
@@ -136,6 +140,45 @@ def _brownout(sim: Simulation) -> dict:
     return out
 
 
+def _canary(sim: Simulation) -> dict:
+    """Where the new version served, and whether any session saw two versions without
+    being told (a 503 for its rolled-back version, after which it starts over)."""
+    canary = sim.scenario.canary
+    fleet = sim.fleet
+    new = fleet.versions.index(canary.version)
+    served = {}
+    sessions: dict = {}
+    for q in sorted(sim.requests, key=lambda q: q.arrival_ms):
+        if q.outcome in ANSWERED and int(fleet.replica_version[q.replica]) == new and q.model_used == "llama-70b":
+            served[q.region] = served.get(q.region, 0) + 1
+        if q.session is None:
+            continue
+        if q.outcome in ANSWERED:
+            version = fleet.versions[int(fleet.replica_version[q.replica])] if q.model_used == "llama-70b" else None
+            sessions.setdefault(q.session, []).append(version)
+        elif q.outcome == "shed" and q.decision is not None and q.decision.reason == "no_replica":
+            sessions.setdefault(q.session, []).append("restart")
+    silent = told = 0
+    for history in sessions.values():
+        last, switched_silently, restarted = None, False, False
+        for v in history:
+            if v == "restart":
+                last, restarted = None, True
+            elif v is not None:
+                switched_silently |= last is not None and v != last
+                last = v
+        silent += switched_silently
+        told += restarted
+    guard = getattr(sim.policy, "guard", None)
+    history = [f"{t / 1000.0:.1f} s: {event}" for t, event in guard.rollout.history] if guard is not None else None
+    pinned_degraded = sum(1 for q in sim.requests if q.outcome == "degraded" and q.decision is not None
+                          and q.decision.request.version == canary.version)
+    return {"new_version_served_by_region": served, "sessions": len(sessions),
+            "pinned_to_new_version_then_degraded": pinned_degraded,
+            "sessions_switched_version_silently": silent, "sessions_told_to_restart": told,
+            "rollout": history}
+
+
 def _flapping(sim: Simulation, steady: Simulation) -> dict:
     window = sim.scenario.windows["flapping"]
     r = sim.fleet.replica_index[FLAPPING_REPLICA]
@@ -165,6 +208,8 @@ def run_bad_days(policies=POLICIES, progress=None) -> dict:
                 report[name][policy] = _outage(sim)
             elif name == "brownout":
                 report[name][policy] = _brownout(sim)
+            elif name == "canary":
+                report[name][policy] = _canary(sim)
             else:
                 steady = _run(msgspec.structs.replace(scenario, faults=()), policy, demand)
                 report[name][policy] = _flapping(sim, steady)

@@ -241,7 +241,7 @@ class Simulation:
             return  # superseded by a later change of the batch
         for req in replica.finish_due(t):
             req.completion_ms = t + self._back(req) - req.arrival_ms
-            self.policy.complete(req, True, t)
+            self.policy.complete(req, True, t, req.ttft_ms)
         for req, end in replica.start_waiting(t):
             self.push(end, PREFILL, req, req.attempts)
         self._reschedule(replica)
@@ -249,7 +249,7 @@ class Simulation:
     def _failed(self, req: SimRequest, attempt: int, t: float) -> None:
         if req.attempts != attempt:
             return
-        self.policy.complete(req, False, t)
+        self.policy.complete(req, False, t, math.nan)
         if req.ttft_ms == req.ttft_ms:  # failed after its first token: never retried
             self._terminal(req, "lost", t)
             return
@@ -271,6 +271,12 @@ class Simulation:
         in the order both engines push them."""
         regions = self.fleet.topology.regions
         ops = []
+        canary = self.scenario.canary
+        if canary is not None and canary.slow_factor != 1.0:  # a bad build: every new-version replica is slower
+            fleet = self.fleet
+            new = fleet.versions.index(canary.version)
+            members = tuple(r.index for r in self.replicas if int(fleet.replica_version[r.index]) == new)
+            ops.append((0.0, "slow", members, canary.slow_factor))
         for fault in self.scenario.faults:
             start, end = fault.start_s * 1000.0, fault.end_s * 1000.0
             members = tuple(r.index for r in self.replicas if regions[r.region] == fault.region)

@@ -115,7 +115,7 @@ class RoutingPolicy:
         self.sent(req, r)
         return ("serve" if self.region_of[r] == self.home(req) else "overflow", r, 0.0)
 
-    def complete(self, req, ok: bool, now: float) -> None:
+    def complete(self, req, ok: bool, now: float, ttft_ms: float) -> None:
         if req.replica >= 0 and self.outstanding[req.replica] > 0:
             self.outstanding[req.replica] -= 1
 
@@ -207,7 +207,7 @@ class Geoserve(RoutingPolicy):
         self.router = sim.router
         self.snapshot = None
         self.ids = self.fleet.replica_ids
-        self.guard = _Guard(sim) if sim.scenario.resilience is not None else None
+        self.guard = _Guard(sim) if sim.scenario.resilience is not None or sim.scenario.canary is not None else None
 
     def on_signals(self, columns, usable) -> None:
         if self.guard is not None:
@@ -220,68 +220,107 @@ class Geoserve(RoutingPolicy):
         if d is not None and d.action == "queue":
             router.complete(d)  # it asks again: give back the queue slot
         tried = req.tried
+        guard = self.guard
         request = Request(
-            req.model, req.origin, req.priority, None, req.prompt_tokens, req.output_tokens, req.session,
-            req.prefix, req.block_tokens, tuple([self.ids[r] for r in tried]) if tried else (),
-            now - req.arrival_ms,
+            req.model, req.origin, req.priority, guard.version_for(req) if guard is not None else None,
+            req.prompt_tokens, req.output_tokens, req.session, req.prefix, req.block_tokens,
+            tuple([self.ids[r] for r in tried]) if tried else (), now - req.arrival_ms,
         )
         d = req.decision = router.route(request, self.snapshot)
-        if self.guard is not None and d.replica is not None and d.action != "queue":
-            self.guard.sent(d, req.origin, now)
+        if guard is not None:
+            guard.routed(req, d, now)
         return (d.action, d.replica_index, d.retry_after_ms or 0.0)
 
-    def complete(self, req, ok: bool, now: float) -> None:
+    def complete(self, req, ok: bool, now: float, ttft_ms: float) -> None:
         d = req.decision
         if d is not None and d.action in _HOLDS_A_REPLICA:
             self.router.complete(d, d.replica, ok)
             if self.guard is not None:
-                self.guard.result(d.replica, ok, now)
+                self.guard.result(d, ok, now, ttft_ms)
 
 
 class _Guard:
     """geoserve.resilience around the router, as a gateway runs it: each signal round
     is a liveness probe per replica (health with hysteresis), each request result
-    feeds outlier ejection, each overflow spends spill tokens; all of it folded into
-    the next snapshot's columns (``healthy``, ``spill``), none of it in the kernel."""
+    feeds outlier ejection, each overflow spends spill tokens, and a canary rollout
+    pins sessions to a version and drains the new one outside its regions; all of it
+    folded into the next snapshot's columns (``healthy``, ``draining``, ``spill``)
+    or carried by the request (its version pin), none of it in the kernel."""
 
     def __init__(self, sim) -> None:
-        from ..resilience import FleetHealth, OutlierDetector, SpillBudget
+        from ..resilience import CanaryPlan, FleetHealth, OutlierDetector, Rollout, SpillBudget
 
-        spec = sim.scenario.resilience
-        topology = sim.router.fleet.topology
-        self.ids = list(sim.router.fleet.replica_ids)
-        self.health = FleetHealth.for_topology(topology, spec.health)
-        self.outliers = OutlierDetector.for_topology(topology, spec.ejection)
-        caps = spec.spill
-        self.spill = None if caps is None else SpillBudget(
-            topology.regions, pair_rate_per_s=caps.pair_rate_per_s, pair_burst=caps.pair_burst,
-            rescuer_rate_per_s=caps.rescuer_rate_per_s, rescuer_burst=caps.rescuer_burst)
-        self.home_region = {loc: topology.regions[int(g)] for loc, g in zip(sim.router.fleet.locations, sim.router.fleet.home)}
+        scenario = sim.scenario
+        spec = scenario.resilience
+        fleet = sim.router.fleet
+        topology = fleet.topology
+        self.ids = list(fleet.replica_ids)
+        self.home_region = {loc: topology.regions[int(g)] for loc, g in zip(fleet.locations, fleet.home)}
         self.spilled: list = []  # (time ms, origin region, rescuer) of every overflow sent
+        self.health = self.outliers = self.spill = None
+        if spec is not None:
+            self.health = FleetHealth.for_topology(topology, spec.health)
+            self.outliers = OutlierDetector.for_topology(topology, spec.ejection)
+            caps = spec.spill
+            if caps is not None:
+                self.spill = SpillBudget(topology.regions, pair_rate_per_s=caps.pair_rate_per_s,
+                                         pair_burst=caps.pair_burst, rescuer_rate_per_s=caps.rescuer_rate_per_s,
+                                         rescuer_burst=caps.rescuer_burst)
+        self.rollout = None
+        self.pins: dict = {}  # session -> version: the pin a client echoes (x-geoserve-version)
+        if scenario.canary is not None:
+            c = scenario.canary
+            self.rollout = Rollout(CanaryPlan(model="llama-70b", version=c.version, previous="v1", regions=c.regions,
+                                              window_ms=c.window_s * 1000.0, min_requests=c.min_requests,
+                                              max_error_rate=c.max_error_rate, max_p99_ttft_ms=c.max_p99_ttft_ms),
+                                   topology)
+            self.new_mask = np.array([rid in self.rollout.new_replicas for rid in self.ids])
+            self.new_region = [self.rollout.new_replicas.get(rid) for rid in self.ids]
 
     def fold(self, columns):
         now = columns.now_ms
-        alive = np.asarray(columns.healthy)
-        up = {}
-        for rid, ok in zip(self.ids, alive.tolist()):
-            up[rid] = self.health.probe(rid, ok, now)
-        ejected = self.outliers.excluded(now, up)
-        healthy = np.array([up[rid] and rid not in ejected for rid in self.ids], dtype=bool)
-        spill = self.spill.allowances(now) if self.spill is not None else ()
-        return msgspec.structs.replace(columns, healthy=healthy, spill=spill, regions_down=self.health.regions_down())
+        changes = {}
+        if self.health is not None:
+            up = {rid: self.health.probe(rid, ok, now) for rid, ok in zip(self.ids, np.asarray(columns.healthy).tolist())}
+            ejected = self.outliers.excluded(now, up)
+            changes["healthy"] = np.array([up[rid] and rid not in ejected for rid in self.ids], dtype=bool)
+            changes["regions_down"] = self.health.regions_down()
+        if self.spill is not None:
+            changes["spill"] = self.spill.allowances(now)
+        if self.rollout is not None:
+            self.rollout.tick(now)
+            allowed = set(self.rollout.canary_regions)
+            changes["draining"] = np.array([region is not None and region not in allowed for region in self.new_region])
+        return msgspec.structs.replace(columns, **changes)
 
-    def sent(self, d, origin: str, now: float) -> None:
-        self.outliers.sent(d.replica, now)
-        home = self.home_region[origin]
+    def version_for(self, req) -> "str | None":
+        if self.rollout is None:
+            return None
+        pinned = self.pins.get(req.session) if req.session is not None else None
+        return self.rollout.version_for(self.home_region[req.origin], pinned)
+
+    def routed(self, req, d, now: float) -> None:
+        if d.replica is None or d.action == "queue":
+            if d.action == "shed" and d.reason == "no_replica" and req.session is not None:
+                self.pins.pop(req.session, None)  # its version is gone (rolled back): 503, the session starts over
+            return
+        if self.outliers is not None:
+            self.outliers.sent(d.replica, now)
+        if req.session is not None and self.rollout is not None:
+            self.pins.setdefault(req.session, d.version)
+        home = self.home_region[req.origin]
         if d.region != home:
             self.spilled.append((now, home, d.region))
             if self.spill is not None:
                 self.spill.record_decision(d, home, now)
 
-    def result(self, replica: str, ok: bool, now: float) -> None:
-        self.outliers.record(replica, ok, now)
-        if not ok:  # a failed request is a failed probe too (passive health checking)
-            self.health.probe(replica, False, now)
+    def result(self, d, ok: bool, now: float, ttft_ms: float) -> None:
+        if self.outliers is not None:
+            self.outliers.record(d.replica, ok, now)
+            if not ok:  # a failed request is a failed probe too (passive health checking)
+                self.health.probe(d.replica, False, now)
+        if self.rollout is not None:
+            self.rollout.observe(d.region, d.version, ok, ttft_ms)
 
 
 _HOLDS_A_REPLICA = frozenset(("serve", "overflow", "degrade"))
@@ -461,10 +500,10 @@ class DynamoKV(RoutingPolicy):
         super().on_signals(columns, usable)
         self.prefill_blocks = [0] * self.fleet.n_replicas  # a signal period later, routed prefills are done
 
-    def complete(self, req, ok, now):
+    def complete(self, req, ok, now, ttft_ms):
         if req.replica >= 0:
             self.decode_blocks[req.replica] = max(0, self.decode_blocks[req.replica] - len(req.prefix) - -(-req.output_tokens // req.block_tokens))
-        super().complete(req, ok, now)
+        super().complete(req, ok, now, ttft_ms)
 
 
 @register

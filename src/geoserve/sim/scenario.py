@@ -28,7 +28,7 @@ from ..config import _field_of, _message_of
 from ..errors import ConfigError
 from ..resilience import EjectionPolicy, HealthPolicy
 
-__all__ = ["Scenario", "FleetSpec", "DemandSpec", "Fault", "ResilienceSpec", "SpillCaps", "default_scenario", "load_scenario"]
+__all__ = ["Scenario", "FleetSpec", "DemandSpec", "Fault", "ResilienceSpec", "SpillCaps", "CanarySpec", "default_scenario", "load_scenario"]
 
 
 class FleetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -92,6 +92,21 @@ class ResilienceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spill: Optional[SpillCaps] = SpillCaps()
 
 
+class CanarySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new version of the 70B rolled out region by region (``resilience.Rollout``):
+    ``replicas[g]`` of each region's 70B replicas are pre-staged on it (draining
+    until their region's stage); ``slow_factor`` > 1 makes it a bad build."""
+
+    version: str = "v2"
+    replicas: tuple[int, ...] = (4, 2, 2)
+    regions: tuple[str, ...] = ("ap-northeast", "eu-west", "us-east")  # switch order: smallest first
+    window_s: float = 20.0
+    min_requests: int = 50
+    max_error_rate: float = 0.01
+    max_p99_ttft_ms: float = 1200.0
+    slow_factor: float = 1.0
+
+
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str = "seed-compressed"
     seed: int = 7
@@ -109,6 +124,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # time-per-output-token and prefill histograms): a slowed replica shows in the
     # next signal round instead of only through the queues it builds.
     engine_timings: bool = False
+    canary: Optional[CanarySpec] = None
 
     def validate(self) -> "Scenario":
         f = self.fleet
@@ -131,6 +147,12 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"faults[{i}].region", f"unknown region {fault.region!r}")
             if not fault.end_s > fault.start_s:
                 raise ConfigError(f"faults[{i}].end_s", "must be after start_s")
+        if self.canary is not None:
+            if len(self.canary.replicas) != n:
+                raise ConfigError("canary.replicas", f"needs one entry per region ({n}), got {len(self.canary.replicas)}")
+            for i, region in enumerate(self.canary.regions):
+                if region not in f.regions:
+                    raise ConfigError(f"canary.regions[{i}]", f"unknown region {region!r}")
         return self
 
 
@@ -161,10 +183,12 @@ def scenario_topology(s: Scenario):
     deployments = []
     for g, region in enumerate(f.regions):
         for model, count, slots in (("llama-70b", f.replicas[g], f.decode_slots), ("llama-8b", f.fallback_replicas[g], f.fallback_decode_slots)):
-            if count > 0:
-                reps = tuple(ReplicaSpec(id=f"{region}/{model}/{k}", endpoint=f"sim://{region}/{model}/{k}") for k in range(count))
-                deployments.append(Deployment(model=model, version="v1", region=region, replicas=reps, decode_slots=slots,
-                                              kv_blocks=f.kv_blocks, kv_block_tokens=f.kv_block_tokens))
+            new = min(count, s.canary.replicas[g]) if s.canary is not None and model == "llama-70b" else 0
+            for version, ks in (("v1", range(count - new)), (s.canary.version if new else "", range(count - new, count))):
+                if len(ks):
+                    reps = tuple(ReplicaSpec(id=f"{region}/{model}/{k}", endpoint=f"sim://{region}/{model}/{k}") for k in ks)
+                    deployments.append(Deployment(model=model, version=version, region=region, replicas=reps,
+                                                  decode_slots=slots, kv_blocks=f.kv_blocks, kv_block_tokens=f.kv_block_tokens))
     return Topology(regions=f.regions, rtt_ms=f.rtt_ms, deployments=tuple(deployments), models=dict(SEED_MODELS),
                     aliases={"chat": "llama-70b"}, fallbacks={"llama-70b": "llama-8b"} if any(f.fallback_replicas) else {})
 
