@@ -24,6 +24,16 @@ def test_outage_every_apac_interactive_request_is_answered_within_spill_caps(rep
     assert by_class["interactive"]["shed"] <= by_class["batch"]["shed"] + by_class["best_effort"]["shed"]
 
 
+def test_when_the_caps_bind_spill_stays_within_them_and_lower_classes_are_shed_first(report):
+    g = report["outage-tight-caps"]["geoserve"]
+    caps = g["spill"]["caps"]
+    for pair, sent in g["spill"].items():
+        if pair != "caps":
+            assert sent["max_per_second"] <= caps["pair_per_second_max"], pair
+    shed = {cls: v["shed"] / v["requests"] for cls, v in g["all_traffic_by_class"].items()}
+    assert shed["batch"] > 2 * shed["interactive"] and shed["best_effort"] > 2 * shed["interactive"]
+
+
 def test_brownout_moves_new_traffic_away_and_beats_priority_failover(report):
     g, e = report["brownout"]["geoserve"], report["brownout"]["envoy_priority"]
     assert g["20-60s"]["eu_share_of_new_traffic"] <= 0.5 * g["before"]["eu_share_of_new_traffic"]

@@ -244,6 +244,20 @@ def test_spill_allowance_per_pair_and_in_total_is_respected(impl):
     assert regions == ["us", "us", "eu"]
 
 
+def test_lower_classes_leave_the_last_spill_tokens_to_higher_ones(impl):
+    # batch keeps a reserve of 5 tokens, best_effort 10: with 4 left, only interactive spills
+    r = router(impl)
+    s = snapshot(r, region={"ap": dict(in_flight=8), "eu": dict(in_flight=8)},
+                 spill=(g.SpillAllowance(rescuer="us", tokens=4),))
+    assert r.decide(req("ap"), s).action == "overflow"
+    for priority in ("batch", "best_effort"):
+        d = r.decide(req("ap", priority=priority), s)
+        assert d.action != "overflow" and d.region != "us", priority
+    plenty = snapshot(r, region={"ap": dict(in_flight=8), "eu": dict(in_flight=8)},
+                      spill=(g.SpillAllowance(rescuer="us", tokens=11),))
+    assert r.decide(req("ap", priority="best_effort"), plenty).action == "overflow"
+
+
 def test_a_rescuer_above_its_spill_ceiling_takes_no_overflow(impl):
     r = router(impl)
     us = ids_in(r, "us")

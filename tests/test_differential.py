@@ -66,7 +66,8 @@ def fleets(draw):
         for m in models
     }
     ceiling = draw(st.sampled_from((0.5, 0.8, 1.0)))
-    priorities = {"batch": g.PriorityClass(draw(st.sampled_from((300.0, 10_000.0))), 10_000.0, ceiling, True)}
+    priorities = {"batch": g.PriorityClass(draw(st.sampled_from((300.0, 10_000.0))), 10_000.0, ceiling, True,
+                                           spill_reserve=draw(st.sampled_from((0.0, 1.0, 2.5, 5.0))))}
     topology = g.Topology(
         regions=regions, edges=edges, rtt_ms=rtt, deployments=tuple(deployments),
         models=profiles, aliases=aliases, fallbacks=fallbacks, priorities=priorities,

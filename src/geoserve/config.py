@@ -190,6 +190,7 @@ def validate_topology(t: Topology) -> None:
             raise ConfigError(f"{where}.cross_budget_ms", "must be >= local_budget_ms")
         if not (0.0 < pc.slot_ceiling <= 1.0):
             raise ConfigError(f"{where}.slot_ceiling", f"must be in (0, 1], got {pc.slot_ceiling!r}")
+        _finite_nonneg(pc.spill_reserve, f"{where}.spill_reserve")
 
 
 # The seed's fleet (docs/api.md, "Defaults"): 600 / 300 / 150 H100s in the US, EU and

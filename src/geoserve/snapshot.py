@@ -153,6 +153,7 @@ class Fleet:
         self.class_local_budget_ms = np.array([c.local_budget_ms for c in classes.values()], dtype=np.float64)
         self.class_cross_budget_ms = np.array([c.cross_budget_ms for c in classes.values()], dtype=np.float64)
         self.class_slot_ceiling = np.array([c.slot_ceiling for c in classes.values()], dtype=np.float64)
+        self.class_spill_reserve = np.array([c.spill_reserve for c in classes.values()], dtype=np.float64)
 
         self._build_rings()
 

@@ -91,19 +91,23 @@ class PriorityClass(_Strict):
 
     A replica admits a request of this class while its slot utilization (in-flight
     plus the router's optimistic count, over decode slots) is below
-    ``slot_ceiling``; lower ceilings make a class yield first.
+    ``slot_ceiling``; lower ceilings make a class yield first. A class overflows to
+    another region only while the spill allowance left (per pair and per rescuer)
+    exceeds ``spill_reserve`` - tokens kept for the classes above it, so that when
+    the caps bind, the lower classes stop spilling first.
     """
 
     local_budget_ms: float
     cross_budget_ms: float
     slot_ceiling: float
     sheddable: bool = False
+    spill_reserve: float = 0.0
 
 
 DEFAULT_PRIORITIES: dict[str, PriorityClass] = {
     "interactive": PriorityClass(800.0, 1200.0, 1.0, False),
-    "batch": PriorityClass(10_000.0, 10_000.0, 0.8, True),
-    "best_effort": PriorityClass(60_000.0, 60_000.0, 0.6, True),
+    "batch": PriorityClass(10_000.0, 10_000.0, 0.8, True, spill_reserve=5.0),
+    "best_effort": PriorityClass(60_000.0, 60_000.0, 0.6, True, spill_reserve=10.0),
 }
 
 

@@ -72,6 +72,7 @@ cdef struct FleetC:
     const double* class_local_budget_ms
     const double* class_cross_budget_ms
     const double* class_slot_ceiling
+    const double* class_spill_reserve
     double load_bound
     double spill_ceiling
     double inference_share_ms
@@ -147,6 +148,7 @@ cdef struct ReqC:
     double local_budget
     double cross_budget
     double ceiling
+    double spill_need
 
 
 cdef struct PickC:
@@ -216,7 +218,7 @@ cdef class FleetView:
                        fleet.prefill_base_ms, fleet.model_prefill_base_ms, fleet.model_prefill_ms_per_token,
                        fleet.model_start, fleet.group_start, fleet.fallback_model, fleet.region_slots,
                        fleet.ring_points, fleet.ring_owner, fleet.ring_start, fleet.class_local_budget_ms,
-                       fleet.class_cross_budget_ms, fleet.class_slot_ceiling)
+                       fleet.class_cross_budget_ms, fleet.class_slot_ceiling, fleet.class_spill_reserve)
         self.f.n_regions = fleet.n_regions
         self.f.n_locations = len(fleet.locations)
         self.f.rtt_ms = <double*>_ptr(fleet.rtt_ms, f64, "rtt_ms")
@@ -237,6 +239,7 @@ cdef class FleetView:
         self.f.class_local_budget_ms = <double*>_ptr(fleet.class_local_budget_ms, f64, "class_local_budget_ms")
         self.f.class_cross_budget_ms = <double*>_ptr(fleet.class_cross_budget_ms, f64, "class_cross_budget_ms")
         self.f.class_slot_ceiling = <double*>_ptr(fleet.class_slot_ceiling, f64, "class_slot_ceiling")
+        self.f.class_spill_reserve = <double*>_ptr(fleet.class_spill_reserve, f64, "class_spill_reserve")
         p = fleet.policy
         self.f.load_bound = p.load_bound
         self.f.spill_ceiling = p.spill_ceiling
@@ -921,7 +924,8 @@ cdef bint _accepts_spill(const ModelC* m, const GroupC* group) noexcept nogil:
     if m.live:
         pair -= m.st.spill_pair[home * n_regions + group.region]
         total -= m.st.spill_total[group.region]
-    return pair >= 1.0 and total >= 1.0
+    # one token, above the class's reserve for the classes above it
+    return pair >= m.req.spill_need and total >= m.req.spill_need
 
 
 cdef void _choose(const ModelC* m, double b_local, double b_cross, PickC* pick) noexcept nogil:
@@ -1110,6 +1114,7 @@ def decide(snapshot, state, int model, int version, int origin, int priority, in
     req.local_budget = sv.f.class_local_budget_ms[priority]
     req.cross_budget = sv.f.class_cross_budget_ms[priority]
     req.ceiling = sv.f.class_slot_ceiling[priority]
+    req.spill_need = 1.0 + sv.f.class_spill_reserve[priority]
     with nogil:
         _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
     fallbacks = tuple([out.fallbacks[i] for i in range(out.n_fallbacks)])
@@ -1432,6 +1437,7 @@ cdef class Boundary:
         req.local_budget = sv.f.class_local_budget_ms[req.priority]
         req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
         req.ceiling = sv.f.class_slot_ceiling[req.priority]
+        req.spill_need = 1.0 + sv.f.class_spill_reserve[req.priority]
         with nogil:
             _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
@@ -1452,6 +1458,7 @@ cdef class Boundary:
         req.local_budget = sv.f.class_local_budget_ms[req.priority]
         req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
         req.ceiling = sv.f.class_slot_ceiling[req.priority]
+        req.spill_need = 1.0 + sv.f.class_spill_reserve[req.priority]
         self.acquire()
         try:
             if sv.s.epoch > state.epoch:

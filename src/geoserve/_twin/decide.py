@@ -330,7 +330,8 @@ class _Model:
         if self.live:
             pair -= int(st.spill_pair[home * n_regions + group.region])
             total -= int(st.spill_total[group.region])
-        return pair >= 1.0 and total >= 1.0
+        need = self.req.spill_need  # one token, above the class's reserve for the classes above it
+        return pair >= need and total >= need
 
     def choose(self, b_local: float, b_cross: float) -> _Pick:
         f, req = self.f, self.req
@@ -401,7 +402,7 @@ class Req:
 
     __slots__ = (
         "origin", "home", "priority", "prompt_tokens", "ring_key", "has_key", "prefix", "block_tokens",
-        "exclude", "waited_ms", "local_budget", "cross_budget", "ceiling",
+        "exclude", "waited_ms", "local_budget", "cross_budget", "ceiling", "spill_need",
     )
 
     def __init__(self, fleet, origin, priority, prompt_tokens, ring_key, has_key, prefix, block_tokens, exclude, waited_ms):
@@ -418,6 +419,7 @@ class Req:
         self.local_budget = float(fleet.class_local_budget_ms[priority])
         self.cross_budget = float(fleet.class_cross_budget_ms[priority])
         self.ceiling = float(fleet.class_slot_ceiling[priority])
+        self.spill_need = 1.0 + float(fleet.class_spill_reserve[priority])
 
 
 def decide(snap, state, model, version, origin, priority, prompt_tokens, ring_key, has_key, prefix, block_tokens, exclude, waited_ms):
