@@ -34,6 +34,14 @@ def test_when_the_caps_bind_spill_stays_within_them_and_lower_classes_are_shed_f
     assert shed["batch"] > 2 * shed["interactive"] and shed["best_effort"] > 2 * shed["interactive"]
 
 
+def test_losing_the_biggest_region_does_not_cascade_onto_the_rescuers_users(report):
+    g, e = report["us-outage"]["geoserve"], report["us-outage"]["envoy_priority"]
+    assert g["eu-west/interactive"]["within_budget"] >= 0.99  # the rescuer's own users
+    assert e["eu-west/interactive"]["within_budget"] < 0.5  # priority failover: the cascade
+    assert g["us-east/interactive"]["within_budget"] >= 0.95
+    assert g["us-east/interactive"]["degraded"] + g["us-east/batch"]["degraded"] > 0  # on purpose, reported
+
+
 def test_brownout_moves_new_traffic_away_and_beats_priority_failover(report):
     g, e = report["brownout"]["geoserve"], report["brownout"]["envoy_priority"]
     assert g["20-60s"]["eu_share_of_new_traffic"] <= 0.5 * g["before"]["eu_share_of_new_traffic"]

@@ -13,6 +13,8 @@ and demand (docs/resilience.md has the numbers and how to read them):
 * ``flapping`` - one US replica down and up every 2 s from 20 s to 100 s: the share
   of traffic it still gets against a steady run, and how many decisions changed.
 
+* ``us-outage`` - the biggest region down at its own peak (180-210 s), more than
+  the others can absorb: degrade, shed, or cascade onto the rescuers' own users;
 * ``canary`` - a new version three times slower, pre-staged in every region and
   rolled out APAC first: is it rolled back, did any session see two versions
   without being told, did any other region serve it.
@@ -45,6 +47,10 @@ def bad_day_scenarios() -> dict[str, Scenario]:
             base, name="apac-outage-tight-spill-caps", duration_s=100.0, windows={"outage": (40.0, 70.0)},
             resilience=ResilienceSpec(spill=SpillCaps(pair_rate_per_s=8.0, pair_burst=16.0,
                                                       rescuer_rate_per_s=10.0, rescuer_burst=20.0))),
+        "us-outage": msgspec.structs.replace(
+            base, name="us-outage-at-its-peak", duration_s=230.0,
+            faults=(Fault(kind="outage", region="us-east", start_s=180.0, end_s=210.0),),
+            windows={"outage": (180.0, 210.0)}),
         "canary": msgspec.structs.replace(
             base, name="bad-canary-in-apac", duration_s=100.0, faults=(), windows={},
             canary=CanarySpec(slow_factor=3.0)),
@@ -140,6 +146,28 @@ def _brownout(sim: Simulation) -> dict:
     return out
 
 
+def _us_outage(sim: Simulation) -> dict:
+    """The biggest region down at its own peak: nobody can absorb it all. What happens
+    to its users (served elsewhere, degraded, shed) and to the rescuers' own users."""
+    fleet, window = sim.fleet, sim.scenario.windows["outage"]
+    reqs = [q for q in sim.requests if _in(q, window)]
+
+    def summary(qs):
+        answered = [q for q in qs if q.outcome in ANSWERED]
+        ok = sum(1 for q in answered if q.ttft_ms <= budgets(q, fleet)[1])
+        return {"requests": len(qs), "within_budget": ok / len(qs) if qs else None,
+                "degraded": sum(q.outcome == "degraded" for q in qs), "shed": sum(q.outcome == "shed" for q in qs),
+                "lost": sum(q.outcome == "lost" for q in qs),
+                "p99_ttft_ms": _p99([q.ttft_ms for q in answered])}
+
+    out = {}
+    for origin in ("us-east", "eu-west", "ap-northeast"):
+        for cls in ("interactive", "batch"):
+            out[f"{origin}/{cls}"] = summary([q for q in reqs if q.origin == origin and q.priority == cls])
+    out["spill"] = _spill(sim, window)
+    return out
+
+
 def _canary(sim: Simulation) -> dict:
     """Where the new version served, and whether any session saw two versions without
     being told (a 503 for its rolled-back version, after which it starts over)."""
@@ -208,6 +236,8 @@ def run_bad_days(policies=POLICIES, progress=None) -> dict:
                 report[name][policy] = _outage(sim)
             elif name == "brownout":
                 report[name][policy] = _brownout(sim)
+            elif name == "us-outage":
+                report[name][policy] = _us_outage(sim)
             elif name == "canary":
                 report[name][policy] = _canary(sim)
             else:
