@@ -207,7 +207,7 @@ def test_a_request_without_a_body_is_400(stack):
 
 # ---------------------------------------------------------------- failure and load
 def test_a_failing_replica_is_avoided_once_the_poller_marks_it(stack):
-    loop, replicas, picker = stack["loop"], stack["replicas"], stack["picker"]
+    replicas, picker = stack["replicas"], stack["picker"]
     replicas["us-0"].failing = True
     try:
         assert wait_for(lambda: not picker.health.replica_up("us-0"))
