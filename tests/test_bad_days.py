@@ -71,3 +71,24 @@ def test_the_scenarios_switch_the_machines_on_and_the_default_does_not():
     assert default_scenario().resilience is None
     assert default_scenario().canary is None
     assert all(s.resilience is not None for s in bad_day_scenarios().values())
+
+
+def test_retries_obey_the_retry_budget_and_give_their_slots_back():
+    import msgspec
+
+    from geoserve.resilience import HealthPolicy
+    from geoserve.sim import Simulation
+    from geoserve.sim.scenario import ResilienceSpec
+
+    # a slow health machine (5 failed probes to go down) sends many requests into the
+    # dead region: their retries are held to 1 % of requests in flight (at least 1)
+    scenario = msgspec.structs.replace(
+        bad_day_scenarios()["outage"], duration_s=60.0,
+        resilience=ResilienceSpec(health=HealthPolicy(fail_threshold=5, recover_threshold=2),
+                                  retry_budget_share=0.01, retry_min_concurrency=1))
+    sim = Simulation(scenario, "geoserve")
+    sim.run()
+    budget = sim.policy.guard.retries
+    assert budget.allowed > 0 and budget.refused > 0
+    assert budget.active_retries == 0 and budget.active_requests == 0  # every slot given back
+    assert not sim.policy.guard.retrying

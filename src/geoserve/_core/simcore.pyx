@@ -558,7 +558,7 @@ cdef class Engine:
             self._terminal(q, LOST)
             return
         req.tried = req.tried + (self.replica[q],)
-        if self.attempts[q] < self.max_attempts:
+        if self.attempts[q] < self.max_attempts and self.policy.retry(req, t):
             self._route(q, t)
         else:
             self._terminal(q, LOST)

@@ -254,7 +254,7 @@ class Simulation:
             self._terminal(req, "lost", t)
             return
         req.tried = req.tried + (req.replica,)
-        if req.attempts < self.scenario.max_attempts:
+        if req.attempts < self.scenario.max_attempts and self.policy.retry(req, t):
             self._route(req, t)
         else:
             self._terminal(req, "lost", t)

@@ -115,6 +115,10 @@ class RoutingPolicy:
         self.sent(req, r)
         return ("serve" if self.region_of[r] == self.home(req) else "overflow", r, 0.0)
 
+    def retry(self, req, now: float) -> bool:
+        """A request failed before its first token: may it try another replica?"""
+        return True
+
     def complete(self, req, ok: bool, now: float, ttft_ms: float) -> None:
         if req.replica >= 0 and self.outstanding[req.replica] > 0:
             self.outstanding[req.replica] -= 1
@@ -231,12 +235,15 @@ class Geoserve(RoutingPolicy):
             guard.routed(req, d, now)
         return (d.action, d.replica_index, d.retry_after_ms or 0.0)
 
+    def retry(self, req, now: float) -> bool:
+        return self.guard.retry(req) if self.guard is not None else True
+
     def complete(self, req, ok: bool, now: float, ttft_ms: float) -> None:
         d = req.decision
         if d is not None and d.action in _HOLDS_A_REPLICA:
             self.router.complete(d, d.replica, ok)
             if self.guard is not None:
-                self.guard.result(d, ok, now, ttft_ms)
+                self.guard.result(req, d, ok, now, ttft_ms)
 
 
 class _Guard:
@@ -248,7 +255,7 @@ class _Guard:
     or carried by the request (its version pin), none of it in the kernel."""
 
     def __init__(self, sim) -> None:
-        from ..resilience import CanaryPlan, FleetHealth, OutlierDetector, Rollout, SpillBudget
+        from ..resilience import CanaryPlan, FleetHealth, OutlierDetector, RetryBudget, Rollout, SpillBudget
 
         scenario = sim.scenario
         spec = scenario.resilience
@@ -257,8 +264,10 @@ class _Guard:
         self.ids = list(fleet.replica_ids)
         self.home_region = {loc: topology.regions[int(g)] for loc, g in zip(fleet.locations, fleet.home)}
         self.spilled: list = []  # (time ms, origin region, rescuer) of every overflow sent
-        self.health = self.outliers = self.spill = None
+        self.health = self.outliers = self.spill = self.retries = None
+        self.retrying: set = set()  # requests whose current attempt is a retry
         if spec is not None:
+            self.retries = RetryBudget(spec.retry_budget_share, spec.retry_min_concurrency)
             self.health = FleetHealth.for_topology(topology, spec.health)
             self.outliers = OutlierDetector.for_topology(topology, spec.ejection)
             caps = spec.spill
@@ -299,13 +308,21 @@ class _Guard:
         pinned = self.pins.get(req.session) if req.session is not None else None
         return self.rollout.version_for(self.home_region[req.origin], pinned)
 
+    def _retry_over(self, req) -> None:
+        if req.id in self.retrying:
+            self.retrying.discard(req.id)
+            self.retries.end_retry()
+
     def routed(self, req, d, now: float) -> None:
+        if d.action == "shed" and self.retries is not None:
+            self._retry_over(req)  # a retry that found nowhere to go ends here
         if d.replica is None or d.action == "queue":
             if d.action == "shed" and d.reason == "no_replica" and req.session is not None:
                 self.pins.pop(req.session, None)  # its version is gone (rolled back): 503, the session starts over
             return
         if self.outliers is not None:
             self.outliers.sent(d.replica, now)
+            self.retries.begin_request()
         if req.session is not None and self.rollout is not None:
             self.pins.setdefault(req.session, d.version)
         home = self.home_region[req.origin]
@@ -314,9 +331,21 @@ class _Guard:
             if self.spill is not None:
                 self.spill.record_decision(d, home, now)
 
-    def result(self, d, ok: bool, now: float, ttft_ms: float) -> None:
+    def retry(self, req) -> bool:
+        """Envoy's retry budget: retries in flight stay under a share of the requests
+        in flight (never onto the same replica: the request carries ``tried``)."""
+        if self.retries is None:
+            return True
+        if not self.retries.try_retry():
+            return False
+        self.retrying.add(req.id)
+        return True
+
+    def result(self, req, d, ok: bool, now: float, ttft_ms: float) -> None:
         if self.outliers is not None:
             self.outliers.record(d.replica, ok, now)
+            self.retries.end_request()
+            self._retry_over(req)  # this attempt is over (a further retry takes a new slot)
             if not ok:  # a failed request is a failed probe too (passive health checking)
                 self.health.probe(d.replica, False, now)
         if self.rollout is not None:

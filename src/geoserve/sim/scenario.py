@@ -90,6 +90,8 @@ class ResilienceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health: HealthPolicy = HealthPolicy(fail_threshold=1, recover_threshold=2)
     ejection: EjectionPolicy = EjectionPolicy()
     spill: Optional[SpillCaps] = SpillCaps()
+    retry_budget_share: float = 0.2  # Envoy's retry budget: retries in flight <= 20 % of requests in flight
+    retry_min_concurrency: int = 3
 
 
 class CanarySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
