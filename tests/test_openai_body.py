@@ -75,6 +75,7 @@ def test_a_truncated_body_is_an_error_and_the_prefix_is_never_wrong(case, data):
         assert scanner.model == body["model"]
     if scanner.prompt_span is not None:  # what arrived of the prompt is a prefix of its bytes
         assert raw.startswith(scanner.prompt_bytes(), scanner.prompt_span[0])
+        assert scanner.prompt_length() == len(scanner.prompt_bytes())
     with pytest.raises(BodyError):
         scanner.feed(b"", end=True)
 

@@ -210,7 +210,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             try:
                 ex.content_length = int(length)
             except ValueError:
-                return [_immediate(400, "content-length is not a number")]
+                return [self._reject(_Reject(400, "content-length is not a number"))]
             if ex.content_length > self.max_body_bytes:
                 return [self._reject(_Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
         if headers.end_of_stream:
@@ -256,7 +256,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             return True
         if scanner.model is None or scanner.prompt_span is None:
             return False
-        return scanner.prompt_span[1] is not None or len(scanner.prompt_bytes()) >= self.prefix_blocks * TEXT_BLOCK_BYTES
+        return scanner.prompt_span[1] is not None or scanner.prompt_length() >= self.prefix_blocks * TEXT_BLOCK_BYTES
 
     # ------------------------------------------------------------ the decision
     def _request(self, ex: _Exchange, waited_ms: float) -> Request:

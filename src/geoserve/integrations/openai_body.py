@@ -77,6 +77,13 @@ class BodyScanner:
     def complete(self) -> bool:
         return self.state == _DONE
 
+    def prompt_length(self) -> int:
+        """Bytes of the prompt value received so far."""
+        if self.prompt_span is None:
+            return 0
+        start, end = self.prompt_span
+        return (end if end is not None else len(self.buffer)) - start
+
     def prompt_bytes(self) -> bytes:
         """The prompt value's bytes received so far (empty when none)."""
         if self.prompt_span is None:
