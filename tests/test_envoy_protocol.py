@@ -146,3 +146,29 @@ def test_a_streamed_config_without_early_body_is_refused_clearly():
         await s.task
 
     asyncio.run(run())
+
+
+def test_the_response_headers_release_the_router_state_and_stamp_the_version():
+    from google.protobuf import struct_pb2
+
+    async def run():
+        p = picker()
+        s = Stream(p)
+        await s.send(headers([]))
+        await s.send(chunk(b'{"model": "big", "prompt": "hi"}', True))
+        assert int(p.router.state.pending.sum()) == 1  # routed: one in flight on the chosen replica
+        served = destination(s.answers[0])
+        attributes = struct_pb2.Struct()
+        attributes.update({"upstream.address": served})
+        response = pb.ProcessingRequest(
+            response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200")])),
+            attributes={"envoy.filters.http.ext_proc": attributes})
+        assert await s.send(response) == ["response_headers"]
+        stamped = s.answers[-1].response_headers.response.header_mutation.set_headers
+        assert [(h.header.key, h.header.raw_value) for h in stamped] == [("x-geoserve-version", b"v1")]
+        assert int(p.router.state.pending.sum()) == 0  # released
+        await s.queue.put(None)
+        await s.task
+
+    asyncio.run(run())

@@ -145,12 +145,16 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self.max_hold_ms = max_hold_ms
         self.metrics = metrics
         self.snapshot: Optional[Snapshot] = None
-        self._index_endpoints()
+        self._indexed = None
+        self._replica_at: dict[str, str] = {}
 
-    def _index_endpoints(self) -> None:
+    def replica_at(self, address: str) -> Optional[str]:
+        """The replica id behind an upstream address (for the served replica)."""
         fleet = self.router.fleet
-        self.host_of = [_host_port(e) for e in fleet.endpoints]
-        self.replica_at = {h: fleet.replica_ids[i] for i, h in enumerate(self.host_of)}
+        if self._indexed is not fleet:  # a membership change since the last lookup
+            self._replica_at = {_host_port(e): rid for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
+            self._indexed = fleet
+        return self._replica_at.get(address)
 
     def update(self, signals: "Signals | SignalColumns") -> Snapshot:
         self.snapshot = snapshot = self.router.snapshot(signals)
@@ -309,8 +313,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         return decision
 
     def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
-        primary = self.host_of[decision.replica_index]
-        hosts = [primary] + [self.host_of[self.router.fleet.replica_index[r]] for r in decision.fallbacks]
+        primary = _host_port(decision.endpoint)
+        hosts = [primary] + [_host_port(e) for e in decision.fallback_endpoints]
         set_headers = [_header(DESTINATION_HEADER, primary)]
         if ex.rewrite is not None and ex.content_length is not None:
             start, end, new = ex.rewrite
@@ -357,7 +361,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         served = None
         attributes = message.attributes.get("envoy.filters.http.ext_proc")
         if attributes is not None and "upstream.address" in attributes.fields:
-            served = self.replica_at.get(attributes.fields["upstream.address"].string_value)
+            served = self.replica_at(attributes.fields["upstream.address"].string_value)
         if ex.response_body_mode == _MODES.NONE or message.response_headers.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
         if decision is None or decision.version is None:
