@@ -216,12 +216,16 @@ def test_the_scenario_example_in_the_docs_loads(tmp_path):
     import re
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "simulator.md").read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    example, machines = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
     path = tmp_path / "example.toml"
-    path.write_text(block)
+    path.write_text(example)
     scenario = load_scenario(str(path))
     assert scenario.demand.kind == "mooncake" and scenario.demand.follow_the_sun
     assert scenario.faults[0].kind == "brownout" and scenario.windows["brownout"] == (100.0, 200.0)
+    path.write_text(machines)
+    scenario = load_scenario(str(path))
+    assert scenario.engine_timings and scenario.resilience.spill.pair_rate_per_s == 25.0
+    assert scenario.resilience.health.fail_threshold == 1 and scenario.canary.slow_factor == 3.0
 
 
 def test_plots_are_written(tmp_path):
