@@ -34,10 +34,8 @@ does not clear within ``max_hold_ms``), 503 when no replica can serve.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import math
 import time
 from typing import Any, Optional
 
@@ -52,11 +50,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from ..errors import RequestError, UnknownModel, UnknownVersion
 from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS
 from ..router import Router
 from ..snapshot import Snapshot
 from ..types import Decision, Request, SignalColumns, Signals
+from .common import (CHARS_PER_TOKEN, ORIGIN_HEADER, PRIORITY_HEADER, SESSION_HEADER, VERSION_HEADER, Reject,
+                     SignalFeed, decide, error_body, host_port)
 from .openai_body import BodyError, BodyScanner
 
 __all__ = ["EndpointPicker", "PickerMetrics", "DESTINATION_HEADER", "LB_NAMESPACE"]
@@ -65,11 +64,6 @@ log = logging.getLogger("geoserve.envoy")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
-SESSION_HEADER = "x-session-id"
-PRIORITY_HEADER = "x-geoserve-priority"
-ORIGIN_HEADER = "x-geoserve-origin"
-VERSION_HEADER = "x-geoserve-version"
-CHARS_PER_TOKEN = 4  # prompt tokens are estimated from the body's bytes (no tokenizer here)
 
 _MODES = processing_mode_pb2.ProcessingMode
 STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
@@ -100,14 +94,6 @@ class PickerMetrics:
         self.decide_seconds = Histogram("geoserve_picker_decision_seconds", "Time from request headers to decision",
                                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5),
                                         registry=self.registry)
-
-
-class _Reject(Exception):
-    """Answer the request here with ``status`` instead of routing it."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", retry_after_s: int = 0) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.retry_after_s = status, message, kind, retry_after_s
 
 
 class _Exchange:
@@ -152,13 +138,17 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         """The replica id behind an upstream address (for the served replica)."""
         fleet = self.router.fleet
         if self._indexed is not fleet:  # a membership change since the last lookup
-            self._replica_at = {_host_port(e): rid for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
+            self._replica_at = {host_port(e): rid for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
             self._indexed = fleet
         return self._replica_at.get(address)
 
     def update(self, signals: "Signals | SignalColumns") -> Snapshot:
         self.snapshot = snapshot = self.router.snapshot(signals)
         return snapshot
+
+    def install(self, snapshot: Snapshot) -> None:
+        """Use a snapshot built elsewhere (the server's signal feed)."""
+        self.snapshot = snapshot
 
     # ------------------------------------------------------------ the stream
     async def Process(self, request_iterator, context):  # noqa: N802 (the gRPC method's name)
@@ -214,11 +204,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             try:
                 ex.content_length = int(length)
             except ValueError:
-                return [self._reject(_Reject(400, "content-length is not a number"))]
+                return [self._reject(Reject(400, "content-length is not a number"))]
             if ex.content_length > self.max_body_bytes:
-                return [self._reject(_Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
+                return [self._reject(Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
         if headers.end_of_stream:
-            return [self._reject(_Reject(400, "a JSON body with a model is required"))]
+            return [self._reject(Reject(400, "a JSON body with a model is required"))]
         if ex.mode == BUFFERED:  # the destination rides on the body's answer; the client's header goes now
             return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER]))))]
@@ -234,20 +224,20 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         ex.body_bytes += len(chunk)
         try:
             if ex.body_bytes > self.max_body_bytes:
-                raise _Reject(413, f"the body is over {self.max_body_bytes} bytes")
+                raise Reject(413, f"the body is over {self.max_body_bytes} bytes")
             try:
                 ex.scanner.feed(chunk, end)
             except BodyError as err:
-                raise _Reject(400, str(err)) from None
+                raise Reject(400, str(err)) from None
             if not self._ready(ex, end):
                 return []
             if end:
                 try:  # the whole body is here: hold it to full JSON, not just its top level
                     msgspec.json.decode(bytes(ex.scanner.buffer))
                 except msgspec.DecodeError as err:
-                    raise _Reject(400, f"the body is not valid JSON: {err}") from None
+                    raise Reject(400, f"the body is not valid JSON: {err}") from None
             decision = await self._decide(ex)
-        except _Reject as reject:
+        except Reject as reject:
             return [self._reject(reject)]
         ex.decision = decision
         return self._route_answers(ex, decision)
@@ -256,7 +246,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         scanner = ex.scanner
         if end:
             if scanner.model is None:
-                raise _Reject(400, "the body has no model")
+                raise Reject(400, "the body has no model")
             return True
         if scanner.model is None or scanner.prompt_span is None:
             return False
@@ -279,42 +269,20 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         )
 
     async def _decide(self, ex: _Exchange) -> Decision:
-        snapshot = self.snapshot
-        if snapshot is None:
-            raise _Reject(503, "no engine signals yet", "unavailable")
-        router, held_ms = self.router, 0.0
-        while True:
-            try:
-                decision = router.route(self._request(ex, held_ms), snapshot)
-            except (UnknownModel, UnknownVersion) as err:
-                raise _Reject(404, str(err), "not_found_error") from None
-            except RequestError as err:
-                raise _Reject(400, str(err)) from None
-            if self.metrics is not None:
-                self.metrics.decisions.labels(decision.action, decision.reason).inc()
-            if decision.action != "queue":
-                break
-            router.complete(decision)  # give the queue slot back: it asks again
-            wait = float(decision.retry_after_ms or 0)
-            if held_ms + wait > self.max_hold_ms:
-                raise _Reject(429, "the region is busy; retry", "rate_limit_exceeded", _seconds(wait))
-            await asyncio.sleep(wait / 1000.0)
-            held_ms += wait
-            snapshot = self.snapshot
-        if decision.action == "shed":
-            if decision.reason == "no_replica":
-                raise _Reject(503, f"no replica can serve {ex.scanner.model!r} now", "unavailable")
-            raise _Reject(429, f"shed ({decision.reason})", "rate_limit_exceeded", _seconds(decision.retry_after_ms or 1000))
+        metrics = self.metrics
+        on_decision = (lambda d: metrics.decisions.labels(d.action, d.reason).inc()) if metrics is not None else None
+        decision = await decide(self.router, lambda: self.snapshot, lambda held: self._request(ex, held),
+                                self.max_hold_ms, on_decision)
         if decision.model != ex.scanner.model and ex.scanner.model_span is not None:
             start, end = ex.scanner.model_span
             ex.rewrite = (start, end, json.dumps(decision.model).encode())
-        if self.metrics is not None:
-            self.metrics.decide_seconds.observe(time.perf_counter() - ex.started)
+        if metrics is not None:
+            metrics.decide_seconds.observe(time.perf_counter() - ex.started)
         return decision
 
     def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
-        primary = _host_port(decision.endpoint)
-        hosts = [primary] + [_host_port(e) for e in decision.fallback_endpoints]
+        primary = host_port(decision.endpoint)
+        hosts = [primary] + [host_port(e) for e in decision.fallback_endpoints]
         set_headers = [_header(DESTINATION_HEADER, primary)]
         if ex.rewrite is not None and ex.content_length is not None:
             start, end, new = ex.rewrite
@@ -344,11 +312,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 body_mutation=pb.BodyMutation(clear_body=True)))) for _ in owed[1:])
         return answers
 
-    def _reject(self, reject: _Reject):
+    def _reject(self, reject: Reject):
         if self.metrics is not None:
             self.metrics.answers.labels(str(reject.status)).inc()
-        extra = [("retry-after", str(reject.retry_after_s))] if reject.retry_after_s else []
-        return _immediate(reject.status, reject.message, reject.kind, extra)
+        return _immediate(reject.status, reject.message, reject.kind, reject.headers())
 
     # ------------------------------------------------------------ the response
     def _on_response_headers(self, ex: _Exchange, message) -> Any:
@@ -392,16 +359,6 @@ def _chain(data: bytes) -> np.ndarray:
     return out
 
 
-def _host_port(endpoint: str) -> str:
-    """``http://10.0.0.1:8000/v1`` -> ``10.0.0.1:8000`` (what Envoy dials)."""
-    rest = endpoint.split("://", 1)[-1]
-    return rest.split("/", 1)[0]
-
-
-def _seconds(ms: float) -> int:
-    return max(1, math.ceil(ms / 1000.0))
-
-
 def _header(key: str, value: str):
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
                                       append_action=_OVERWRITE)
@@ -413,7 +370,7 @@ def _echo(chunk: bytes, end: bool):
 
 
 def _immediate(status: int, message: str, kind: str = "invalid_request_error", extra=()):
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    body = error_body(status, message, kind)
     headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in extra]
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status), headers=pb.HeaderMutation(set_headers=headers), body=body,
@@ -433,42 +390,24 @@ class PickerServer:
     def __init__(self, topology, *, region: str, host: str = "127.0.0.1", port: int = 0, policy=None,
                  poll_interval_ms: float = 200.0, poll_timeout_s: float = 0.5, metrics_port: Optional[int] = None,
                  health_policy=None, **picker_options) -> None:
-        from ..resilience.health import FleetHealth, HealthPolicy
-        from ..signals import MetricsPoller
-
         self.router = Router(topology, policy)
         self.metrics = PickerMetrics()
         self.picker = EndpointPicker(self.router, region=region, metrics=self.metrics, **picker_options)
-        self.health = FleetHealth.for_topology(topology, health_policy or HealthPolicy())
-        fleet = self.router.fleet
-        hosts = {rid: _host_port(e) for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
-        self.poller = MetricsPoller({rid: f"http://{h}/metrics" for rid, h in hosts.items()},
-                                    health_urls={rid: f"http://{h}/health" for rid, h in hosts.items()},
-                                    health=self.health, timeout_s=poll_timeout_s)
+        self.feed = SignalFeed(self.router, interval_ms=poll_interval_ms, timeout_s=poll_timeout_s,
+                               health_policy=health_policy, on_snapshot=self.picker.install)
+        self.health = self.feed.health
         self.host, self.port = host, port
-        self.poll_interval_ms = poll_interval_ms
         self.metrics_port = metrics_port
         self._server: Optional[grpc.aio.Server] = None
-        self._poll_task: Optional[asyncio.Task] = None
         self._metrics_server = None
 
     async def poll_once(self) -> Snapshot:
-        now_ms = time.monotonic() * 1000.0
-        signals = await asyncio.get_running_loop().run_in_executor(None, self.poller.poll, now_ms)
-        return self.picker.update(signals)
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_ms / 1000.0)
-            try:
-                await self.poll_once()
-            except Exception:  # a bad round keeps the last snapshot; the next one may do
-                log.exception("signal poll failed")
+        return await self.feed.poll_once()
 
     async def start(self) -> int:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        await self.poll_once()
+        await self.feed.start()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
         self.health_servicer = health.aio.HealthServicer()
@@ -478,7 +417,6 @@ class PickerServer:
         for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
             await self.health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
-        self._poll_task = asyncio.create_task(self._poll_forever())
         if self.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -487,13 +425,7 @@ class PickerServer:
         return self.port
 
     async def stop(self) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            try:
-                await self._poll_task
-            except asyncio.CancelledError:
-                pass
-            self._poll_task = None
+        await self.feed.stop()
         if self._server is not None:
             await self._server.stop(grace=0.5)
             self._server = None
@@ -501,4 +433,3 @@ class PickerServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-        self.poller.close()
