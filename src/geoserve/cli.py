@@ -10,6 +10,8 @@
   runs the resilience scenarios instead (geoserve.sim.bad_days).
 * ``geoserve fake-replica [--port P] [--speed X]`` - an OpenAI-compatible fake
   replica paced like a 70B (geoserve.testing; the [gateway] extra).
+* ``geoserve serve FLEET --region R [--port P]`` - the reference OpenAI-compatible
+  gateway (geoserve.integrations.gateway; the [gateway] and [signals] extras).
 * ``geoserve envoy-picker FLEET --region R [--port P]`` - Envoy's ext_proc endpoint
   picker (geoserve.integrations.envoy; the [envoy] extra; docs/integrations/envoy.md).
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
@@ -158,6 +160,17 @@ def _fake_replica(args: argparse.Namespace) -> int:
         Server(), lambda port: f"fake replica {args.id} ({args.model}, speed x{args.speed:g}) on http://{args.host}:{port}")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .integrations.gateway import Gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = Gateway(Topology.from_file(args.fleet), region=args.region, host=args.host, port=args.port,
+                     poll_interval_ms=args.poll_ms, max_body_bytes=args.max_body_bytes, max_hold_ms=args.max_hold_ms)
+    return _run_until_interrupted(server, lambda port: f"geoserve gateway ({args.region}) on http://{args.host}:{port}")
+
+
 def _envoy_picker(args: argparse.Namespace) -> int:
     import logging
 
@@ -205,6 +218,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--id", default="fake-0", help="the replica id it reports")
     p.set_defaults(run=_fake_replica)
+    p = sub.add_parser("serve", help="the reference OpenAI-compatible gateway (needs [gateway] and [signals])")
+    p.add_argument("fleet")
+    p.add_argument("--region", required=True, help="the region this gateway runs in (the default origin)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--poll-ms", type=float, default=200.0, help="engine signal poll interval")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-hold-ms", type=float, default=2000.0, help="longest a queued request is held")
+    p.set_defaults(run=_serve)
     p = sub.add_parser("envoy-picker", help="Envoy's ext_proc endpoint picker (needs [envoy])")
     p.add_argument("fleet")
     p.add_argument("--region", required=True, help="the region this picker runs in (the default origin)")

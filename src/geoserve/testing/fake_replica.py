@@ -17,9 +17,10 @@ can see it:
 * ``GET /metrics`` in vLLM's format (``vllm:num_requests_running``,
   ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, prefix-cache
   counters), which ``geoserve.signals`` parses;
-* ``POST /admin`` ``{"fail": true|false, "slow": factor, "drain": true|false}``: fail
-  every new request with 500 (health 503), slow everything down, or drain (new
-  requests 503, in-flight ones finish).
+* ``POST /admin`` ``{"fail": true|false, "slow": factor, "drain": true|false,
+  "break_after": n|null}``: fail every new request with 500 (health 503), slow
+  everything down, drain (new requests 503, in-flight ones finish), or cut every
+  stream after n tokens (a replica dying mid-stream).
 
 Bad input gets OpenAI-style errors: malformed JSON or a missing prompt 400, another
 model 404, a body over ``max_body_bytes`` 413.
@@ -60,6 +61,7 @@ class FakeReplica:
         self.failing = False
         self.draining = False
         self.slow = 1.0
+        self.break_after: Optional[int] = None  # cut every stream after this many tokens
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.served = 0
@@ -191,6 +193,9 @@ class FakeReplica:
                 await response.prepare(request)
                 for i in range(max_tokens):
                     await self._pace(self.latency.tpot_ms(self.running))
+                    if self.break_after is not None and i >= self.break_after:
+                        request.transport.abort()  # a replica dying mid-stream
+                        return response
                     await response.write(b"data: " + json.dumps(self._chunk(rid, created, chat, i, i == max_tokens - 1)).encode() + b"\n\n")
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
@@ -263,6 +268,9 @@ class FakeReplica:
             self.failing = bool(body["fail"])
         if "drain" in body:
             self.draining = bool(body["drain"])
+        if "break_after" in body:
+            value = body["break_after"]
+            self.break_after = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
         if "slow" in body:
             slow = body["slow"]
             if not isinstance(slow, (int, float)) or isinstance(slow, bool) or not slow > 0:
