@@ -130,6 +130,13 @@ def test_a_failing_replica_is_retried_on_a_fallback_before_the_first_byte(stack)
     assert gw.m_retries.labels("taken")._value.get() >= taken + 1
 
 
+def test_when_a_region_has_no_fallback_left_the_request_is_decided_again_elsewhere(stack):
+    stack["replicas"]["eu-0"].failing = True  # eu's only replica: no fallback in its region
+    status, headers, data = post(stack, completion("from europe"), {"x-geoserve-origin": "eu"})
+    assert status == 200, data
+    assert headers["x-geoserve-replica"].startswith("us-")  # decided again without eu-0: overflow
+
+
 def test_retries_never_exceed_the_retry_budget(stack):
     gw = stack["gw"]
     budget, gw.retries = gw.retries, RetryBudget(budget_share=0.0, min_concurrency=0)

@@ -12,6 +12,8 @@
   replica paced like a 70B (geoserve.testing; the [gateway] extra).
 * ``geoserve serve FLEET --region R [--port P]`` - the reference OpenAI-compatible
   gateway (geoserve.integrations.gateway; the [gateway] and [signals] extras).
+* ``geoserve demo [--duration S] [--rate R]`` - three fake regions, the gateway, load,
+  APAC lost half-way and back, a live view and a summary (geoserve.demo).
 * ``geoserve envoy-picker FLEET --region R [--port P]`` - Envoy's ext_proc endpoint
   picker (geoserve.integrations.envoy; the [envoy] extra; docs/integrations/envoy.md).
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
@@ -218,6 +220,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--id", default="fake-0", help="the replica id it reports")
     p.set_defaults(run=_fake_replica)
+    p = sub.add_parser("demo", help="a live three-region fleet on loopback, APAC lost and back (needs [gateway], [signals])")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of load (the demo stops by itself)")
+    p.add_argument("--rate", type=float, default=25.0, help="requests per second")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=lambda args: __import__("geoserve.demo", fromlist=["main"]).main(args.duration, args.rate, args.json))
     p = sub.add_parser("serve", help="the reference OpenAI-compatible gateway (needs [gateway] and [signals])")
     p.add_argument("fleet")
     p.add_argument("--region", required=True, help="the region this gateway runs in (the default origin)")

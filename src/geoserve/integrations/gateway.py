@@ -48,6 +48,7 @@ __all__ = ["Gateway", "REPLICA_HEADER"]
 log = logging.getLogger("geoserve.gateway")
 
 REPLICA_HEADER = "x-geoserve-replica"
+MAX_DECISIONS = 3  # a request is decided at most this often (the first, then with failed replicas excluded)
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade",
                "proxy-authenticate", "proxy-authorization", "te", "trailer"}
 
@@ -167,15 +168,32 @@ class Gateway:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             body, raw = await self._read(request)
-            decision = await decide(self.router, lambda: self.feed.snapshot,
-                                    lambda held: self._request(request, body, raw, held), self.max_hold_ms,
-                                    lambda d: self.m_decisions.labels(d.action, d.reason).inc())
         except Reject as reject:
             return self._answer(reject)
-        if decision.model != body["model"]:
-            body = dict(body, model=decision.model)  # an alias or a degrade: the engine's own name
-            raw = msgspec.json.encode(body)
-        return await self._forward(request, decision, raw)
+        tried: tuple[str, ...] = ()
+        slot = _RetrySlot(self.retries, self.m_retries)
+        try:
+            for attempt in range(MAX_DECISIONS):
+                if attempt > 0 and not slot.take():
+                    break  # the budget says no: what failed is the answer
+                try:
+                    decision = await decide(self.router, lambda: self.feed.snapshot,
+                                            lambda held: self._request(request, body, raw, held, tried), self.max_hold_ms,
+                                            lambda d: self.m_decisions.labels(d.action, d.reason).inc())
+                except Reject as reject:
+                    return self._answer(reject)
+                payload = raw
+                if decision.model != body["model"]:  # an alias or a degrade: the engine's own name
+                    payload = msgspec.json.encode(dict(body, model=decision.model))
+                response = await self._forward(request, decision, payload, slot)
+                if response is not None:
+                    return response
+                # every replica of that decision failed before the first byte: decide again
+                # without them (another region, if the budget allows a retry)
+                tried = tried + (decision.replica,) + decision.fallbacks
+        finally:
+            slot.close()
+        return self._answer(Reject(502, "no replica answered", "upstream_error"))
 
     async def _read(self, request: web.Request) -> tuple[dict, bytes]:
         try:
@@ -197,7 +215,7 @@ class Gateway:
             raise Reject(400, "max_tokens must be an integer >= 1")
         return body, raw
 
-    def _request(self, request: web.Request, body: dict, raw: bytes, waited_ms: float) -> Request:
+    def _request(self, request: web.Request, body: dict, raw: bytes, waited_ms: float, exclude: tuple = ()) -> Request:
         headers = request.headers
         text = _prompt_text(body)
         return Request(
@@ -207,40 +225,30 @@ class Gateway:
             max_tokens=body.get("max_tokens") or body.get("max_completion_tokens") or 256,
             session=headers.get(SESSION_HEADER) or None,
             prefix=block_hashes_from_text(text) if text else (), block_tokens=TEXT_BLOCK_TOKENS, waited_ms=waited_ms,
+            exclude=exclude,
         )
 
-    async def _forward(self, request: web.Request, decision: Decision, raw: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, decision: Decision, raw: bytes,
+                       slot: "_RetrySlot") -> Optional[web.StreamResponse]:
+        """The decision's replica, then its fallbacks, while each fails before the first
+        byte (refused, or a 5xx) and the retry budget allows; None if all failed."""
         targets = [(decision.replica, decision.endpoint)] + list(zip(decision.fallbacks, decision.fallback_endpoints))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
-        self.retries.begin_request()
-        retrying = False  # holds a retry slot: the attempt in flight is a retry
-        try:
-            for i, (replica, endpoint) in enumerate(targets):
-                if i > 0:
-                    if retrying:
-                        self.retries.end_retry()  # the last retry is over
-                        retrying = False
-                    if not self.retries.try_retry():
-                        self.m_retries.labels("refused").inc()
-                        break
-                    retrying = True
-                    self.m_retries.labels("taken").inc()
-                url = f"http://{host_port(endpoint)}{request.path_qs}"
-                try:
-                    upstream = await self._client.post(url, data=raw, headers=headers)
-                except (ClientError, asyncio.TimeoutError, OSError) as err:
-                    log.info("replica %s unreachable (%s)", replica, err)
-                    continue
-                if upstream.status >= 500:  # nothing sent on yet: the next fallback may take it
-                    upstream.release()
-                    continue
-                return await self._stream(request, decision, replica, upstream)
-        finally:
-            if retrying:
-                self.retries.end_retry()
-            self.retries.end_request()
+        for i, (replica, endpoint) in enumerate(targets):
+            if i > 0 and not slot.take():
+                break
+            url = f"http://{host_port(endpoint)}{request.path_qs}"
+            try:
+                upstream = await self._client.post(url, data=raw, headers=headers)
+            except (ClientError, asyncio.TimeoutError, OSError) as err:
+                log.info("replica %s unreachable (%s)", replica, err)
+                continue
+            if upstream.status >= 500:  # nothing sent on yet: the next one may take it
+                upstream.release()
+                continue
+            return await self._stream(request, decision, replica, upstream)
         self.router.complete(decision, ok=False)
-        return self._answer(Reject(502, "no replica answered", "upstream_error"))
+        return None
 
     async def _stream(self, request, decision, replica, upstream) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status)
@@ -276,6 +284,36 @@ class Gateway:
             self.m_answers.labels(str(upstream.status)).inc()
             self.router.complete(decision, replica=replica, ok=ok and upstream.status < 500)
         return response
+
+
+class _RetrySlot:
+    """One request's use of the retry budget: it counts as a request in flight, and
+    at most one of its attempts at a time counts as a retry in flight."""
+
+    __slots__ = ("budget", "counter", "held")
+
+    def __init__(self, budget: RetryBudget, counter) -> None:
+        self.budget, self.counter, self.held = budget, counter, False
+        budget.begin_request()
+
+    def take(self) -> bool:
+        """A slot for the next attempt (the previous retry, if any, is over)."""
+        self._release()
+        if not self.budget.try_retry():
+            self.counter.labels("refused").inc()
+            return False
+        self.counter.labels("taken").inc()
+        self.held = True
+        return True
+
+    def _release(self) -> None:
+        if self.held:
+            self.held = False
+            self.budget.end_retry()
+
+    def close(self) -> None:
+        self._release()
+        self.budget.end_request()
 
 
 def _prompt_text(body: dict) -> Optional[str]:

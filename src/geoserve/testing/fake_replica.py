@@ -45,7 +45,8 @@ CHARS_PER_TOKEN = 4
 class FakeReplica:
     def __init__(self, model: str = "llama-70b", *, speed: float = 1.0, slots: int = 64,
                  kv_tokens: int = 918 * 512, latency: Optional[LatencyModel] = None,
-                 max_body_bytes: int = 4 << 20, replica_id: str = "fake-0") -> None:
+                 max_body_bytes: int = 4 << 20, replica_id: str = "fake-0",
+                 rtt_ms: Optional[dict] = None) -> None:
         if speed <= 0 or slots < 1:
             raise ValueError("speed must be > 0 and slots >= 1")
         self.model = model
@@ -54,6 +55,9 @@ class FakeReplica:
         self.latency = latency or LatencyModel()
         self.max_body_bytes = max_body_bytes
         self.replica_id = replica_id
+        # origin (x-geoserve-origin) -> round trip added before the first byte: a
+        # replica "in another region" on loopback (the demo's regions)
+        self.rtt_ms = dict(rtt_ms or {})
         self.cache: OrderedDict = OrderedDict()
         self.cache_blocks = max(1, kv_tokens // TEXT_BLOCK_TOKENS)
         self.running = 0
@@ -173,6 +177,9 @@ class FakeReplica:
         if self.failing:
             return self._error(500, "injected failure", "server_error")
 
+        rtt = self.rtt_ms.get(request.headers.get("x-geoserve-origin", ""), 0.0)
+        if rtt > 0:
+            await asyncio.sleep(rtt / 1000.0)  # the network is not sped up
         chat = request.path.endswith("/chat/completions")
         created = int(time.time())
         rid = f"cmpl-{self.replica_id}-{self.served}"
