@@ -1,9 +1,12 @@
 """Routing policies for the simulator: geoserve and the baselines users would pick.
 
-One small interface (:class:`RoutingPolicy`): ``on_signals`` receives every signal
-update (stale in between), ``route`` picks for one request, ``complete`` releases.
-A policy returns ``(action, replica, retry_after_ms)`` with action ``serve``,
-``overflow``, ``degrade``, ``queue``, ``shed`` or ``lost`` (no route at all).
+One small interface (:class:`RoutingPolicy`): ``on_signals(columns, usable)``
+receives every signal update (stale in between), ``route(req, now)`` picks for one
+request and returns ``(action, replica, retry_after_ms)`` with action ``serve``,
+``overflow``, ``degrade``, ``queue``, ``shed`` or ``lost`` (no route at all),
+``complete(req, ok, now, ttft_ms)`` releases when a request ends or fails, and
+``retry(req, now)`` says whether a request that failed before its first token may
+try another replica (the engine's ``max_attempts`` still bounds it).
 
 Baselines are deployed the way a multi-region user deploys a single-cluster router:
 one instance per region in front of that region's replicas, with GeoDNS failover to
