@@ -109,7 +109,7 @@ class GeoserveRequestRouter(RequestRouter):
             draining[i] = bool((replica.routing_stats or {}).get("draining", False))
         snapshot = router.snapshot(SignalColumns(now_ms=now, observed_ms=np.full(n, now), in_flight=in_flight,
                                                  queue_depth=np.zeros(n, np.int32), draining=draining))
-        decision = router.decide(self._request(pending_request), snapshot)
+        decision = router.decide(self._request(pending_request, fleet), snapshot)
         if decision.replica is None or decision.action in ("queue", "shed"):
             return []  # Ray backs off and asks again: its queue
         ranks = [[by_id[decision.replica]]]
@@ -118,7 +118,9 @@ class GeoserveRequestRouter(RequestRouter):
             ranks.append(fallbacks)
         return ranks
 
-    def _request(self, pending: Optional[PendingRequest]) -> Request:
+    def _request(self, pending: Optional[PendingRequest], fleet) -> Request:
+        """The request as the router takes it; unknown origins and classes take the
+        router's defaults rather than failing inside Ray's routing loop."""
         kwargs = pending.kwargs if pending is not None else {}
         args = pending.args if pending is not None else []
         prompt = kwargs.get("prompt")
@@ -126,9 +128,12 @@ class GeoserveRequestRouter(RequestRouter):
             prompt = args[0]
         text = prompt if isinstance(prompt, str) else None
         origin = kwargs.get("geoserve_origin")
+        priority = kwargs.get("priority")
+        session = kwargs.get("session_id")
         return Request(
-            model=self._model, origin=origin if origin in self._regions else self._region,
-            priority=kwargs.get("priority") or "interactive", session=kwargs.get("session_id"),
+            model=self._model, origin=origin if origin in fleet.location_index else self._region,
+            priority=priority if priority in fleet.priority_index else "interactive",
+            session=session if isinstance(session, str) else None,
             prompt_tokens=max(1, len(text) // 4) if text else 1,
             prefix=block_hashes_from_text(text) if text else (), block_tokens=TEXT_BLOCK_TOKENS,
         )
