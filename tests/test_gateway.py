@@ -261,3 +261,24 @@ def test_the_cli_serves(tmp_path, stack):
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def test_inference_canaries_take_down_a_replica_whose_health_check_passes(stack):
+    """A replica with the wrong model loaded answers /health and /metrics but 404s
+    every completion: the canaries' own health machine takes it out."""
+    loop, ports = stack["loop"], stack["ports"]
+    wrong = FakeReplica(model="some-other-model", speed=10.0, slots=SLOTS, replica_id="wrong")
+    wrong_port = loop.run(wrong.start())
+    bad = dict(ports, **{"us-1": wrong_port})
+    gw = Gateway(topology(bad), region="us", poll_interval_ms=100.0, canary_interval_s=None)
+    loop.run(gw.start())
+    try:
+        assert loop.run(gw.canary_round()) == {"us-0": True, "us-1": False, "eu-0": True}
+        loop.run(gw.canary_round())  # two failed rounds: down
+        assert not gw.canary_health.replica_up("us-1")
+        loop.run(gw.feed.poll_once())
+        assert gw.feed.snapshot.replica_status("us-1") == "unhealthy"
+        assert gw.feed.snapshot.replica_status("us-0") == "ok"
+    finally:
+        loop.run(gw.stop())
+        loop.run(wrong.stop())

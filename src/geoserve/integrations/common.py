@@ -101,7 +101,9 @@ class SignalFeed:
     (``FleetHealth``), and a fresh snapshot per round in ``self.snapshot``."""
 
     def __init__(self, router: Router, *, interval_ms: float = 200.0, timeout_s: float = 0.5, health_policy=None,
-                 on_snapshot: Optional[Callable[[Snapshot], None]] = None) -> None:
+                 on_snapshot: Optional[Callable[[Snapshot], None]] = None, folds: tuple = ()) -> None:
+        """``folds``: more machines applied to each round's Signals (e.g. inference
+        canaries' health) before the snapshot is built."""
         from ..resilience.health import FleetHealth, HealthPolicy
         from ..signals import MetricsPoller
 
@@ -114,12 +116,15 @@ class SignalFeed:
                                     health=self.health, timeout_s=timeout_s)
         self.interval_ms = interval_ms
         self.on_snapshot = on_snapshot
+        self.folds = tuple(folds)
         self.snapshot: Optional[Snapshot] = None
         self._task: Optional[asyncio.Task] = None
 
     async def poll_once(self) -> Snapshot:
         now_ms = time.monotonic() * 1000.0
         signals = await asyncio.get_running_loop().run_in_executor(None, self.poller.poll, now_ms)
+        for fold in self.folds:
+            signals = fold(signals)
         self.snapshot = snapshot = self.router.snapshot(signals)
         if self.on_snapshot is not None:
             self.on_snapshot(snapshot)

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Optional
 
 import msgspec
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from ..prefix import TEXT_BLOCK_TOKENS, block_hashes_from_text
+from ..resilience.health import FleetHealth, HealthPolicy
 from ..resilience.retry import RetryBudget
 from ..router import Router
 from ..types import Decision, Request
@@ -61,7 +63,8 @@ class Gateway:
     def __init__(self, topology, *, region: str, host: str = "127.0.0.1", port: int = 0, policy=None,
                  poll_interval_ms: float = 200.0, poll_timeout_s: float = 0.5, max_body_bytes: int = 4 << 20,
                  body_timeout_s: float = 30.0, max_hold_ms: float = 2000.0, connect_timeout_s: float = 2.0,
-                 retry_budget: Optional[RetryBudget] = None, drain_s: float = 30.0, health_policy=None) -> None:
+                 retry_budget: Optional[RetryBudget] = None, drain_s: float = 30.0, health_policy=None,
+                 canary_interval_s: Optional[float] = 10.0, canary_timeout_s: float = 5.0) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.router = Router(topology, policy)
@@ -69,14 +72,20 @@ class Gateway:
             raise ValueError(f"region {region!r} is not in the topology")
         self.region = region
         self.host, self.port = host, port
+        # inference canaries keep their own health machine (a liveness probe passing
+        # every 200 ms must not reset the failure streak of a canary every 10 s)
+        self.canary_health = FleetHealth.for_topology(topology, HealthPolicy(fail_threshold=2, recover_threshold=2))
         self.feed = SignalFeed(self.router, interval_ms=poll_interval_ms, timeout_s=poll_timeout_s,
-                               health_policy=health_policy)
+                               health_policy=health_policy, folds=(self.canary_health.apply,))
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.max_hold_ms = max_hold_ms
         self.connect_timeout_s = connect_timeout_s
         self.retries = retry_budget if retry_budget is not None else RetryBudget()
         self.drain_s = drain_s
+        self.canary_interval_s = canary_interval_s
+        self.canary_timeout_s = canary_timeout_s
+        self._canary_task: Optional[asyncio.Task] = None
         self.registry = CollectorRegistry()
         self.m_decisions = Counter("geoserve_gateway_decisions", "Routing decisions", ["action", "reason"],
                                    registry=self.registry)
@@ -111,10 +120,48 @@ class Gateway:
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._idle.set()
+        if self.canary_interval_s:
+            self._canary_task = asyncio.create_task(self._canaries())
         return self.port
+
+    async def canary_round(self) -> dict[str, bool]:
+        """A real one-token completion to every replica; each result is a health
+        probe (an engine whose /health answers but which cannot serve - the wrong
+        model loaded, a broken GPU - goes down like one that does not answer)."""
+        fleet = self.router.fleet
+        now_ms = time.monotonic() * 1000.0
+
+        async def one(rid: str, endpoint: str, model: str) -> bool:
+            body = {"model": model, "prompt": "ping", "max_tokens": 1}
+            try:
+                async with self._client.post(f"http://{host_port(endpoint)}/v1/completions", json=body,
+                                             timeout=ClientTimeout(total=self.canary_timeout_s)) as r:
+                    await r.read()
+                    return r.status == 200
+            except (ClientError, asyncio.TimeoutError, OSError):
+                return False
+
+        models = [fleet.models[int(m)] for m in fleet.replica_model]
+        results = await asyncio.gather(*(one(rid, e, m) for rid, e, m in zip(fleet.replica_ids, fleet.endpoints, models)))
+        outcome = dict(zip(fleet.replica_ids, results))
+        for rid, ok in outcome.items():
+            self.canary_health.probe(rid, ok, now_ms)
+        return outcome
+
+    async def _canaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.canary_interval_s)
+            try:
+                await self.canary_round()
+            except Exception:  # noqa: BLE001 - a bad round must not stop the next
+                log.exception("canary round failed")
 
     async def stop(self) -> None:
         """Graceful: no new connections, in-flight requests finish (up to ``drain_s``)."""
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+            await asyncio.gather(self._canary_task, return_exceptions=True)
+            self._canary_task = None
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()  # stop accepting
