@@ -30,27 +30,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
 
 from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy
+from geoserve.testing.processes import fast_fleet_toml, free_port, geoserve_process
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "envoy.md"
 SHORT = json.dumps({"model": "llama-70b", "prompt": "Say something short. " * 20, "max_tokens": 4}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def long_body(i: int) -> bytes:
@@ -169,57 +161,40 @@ def main() -> int:
 
     replica_port, picker_port, listen, plain_port, admin = (free_port() for _ in range(5))
     variant_ports = {name: free_port() for name in VARIANTS}
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         fleet = Path(tmp) / "fleet.toml"
-        fleet.write_text(f'regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "llama-70b"\nversion = "v1"\n'
-                         f'region = "us"\ndecode_slots = 512\n'
-                         f'replicas = [{{id = "r0", endpoint = "127.0.0.1:{replica_port}"}}]\n'
-                         # the replica runs 1000x faster than a 70B: so does the profile the router predicts with
-                         '[models.llama-70b]\nprefill_base_ms = 0.0077\nprefill_ms_per_token = 0.000107\n'
-                         'tpot_base_ms = 0.0284\ntpot_ms_per_batch = 0.00035\n')
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        try:
-            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "fake-replica", "--port", str(replica_port),
-                                           "--speed", "1000", "--slots", "512", "--id", "r0"], env=env,
-                                          stdout=subprocess.PIPE, text=True))
-            procs[-1].stdout.readline()
-            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "envoy-picker", str(fleet), "--region", "us",
-                                           "--port", str(picker_port), "--max-body-bytes", str(1 << 20)], env=env,
-                                          stdout=subprocess.PIPE, text=True))
-            procs[-1].stdout.readline()
-            config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port, variant_ports)
-            targets = {"plain": plain_port, "picker": listen, **variant_ports}
-            results = []
-            with EnvoyProcess(config, admin, binary) as envoy:
-                for name, concurrency, count, body_of, first_byte in phases(args.quick):
-                    runs: dict[str, list] = {t: [] for t in targets}
-                    for _ in range(args.rounds):
-                        for target, port in targets.items():
-                            url = f"http://127.0.0.1:{port}/v1/completions"
-                            runs[target].append(asyncio.run(closed_loop(url, concurrency, count // args.rounds, body_of,
-                                                                        first_byte)))
-                    row = {"phase": name, "concurrency": concurrency}
-                    for target, measured in runs.items():
-                        row[target] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
-                    for target in targets:
-                        row[f"{target}_adds_p50_ms"] = row[target]["p50_ms"] - row["plain"]["p50_ms"]
-                    results.append(row)
-                    print(f"{name} (c={concurrency})", flush=True)
-                    for t in targets:
-                        print(f"  {t:16s} p50 {row[t]['p50_ms']:8.2f} ms  p99 {row[t]['p99_ms']:8.2f} ms  "
-                              f"{row[t]['req_per_s']:6.0f} req/s  adds {row[t + '_adds_p50_ms']:6.2f} ms p50", flush=True)
-                stats = envoy.stats("http.")
-            errors = {k: v for k, v in stats.items() if ".ext_proc." in k and v and k.endswith(
-                ("streams_failed", "spurious_msgs_received", "message_timeouts"))}
-            print("ext_proc errors:", errors or "none")
-            if args.json:
-                Path(args.json).write_text(json.dumps({"results": results, "ext_proc_errors": errors}, indent=1))
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=10)
-                proc.stdout.close()
+        fleet.write_text(fast_fleet_toml(replica_port))  # the router predicts with the replica's own speed
+        stack.enter_context(geoserve_process("fake-replica", "--port", str(replica_port), "--speed", "1000",
+                                             "--slots", "512", "--id", "r0"))
+        stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port", str(picker_port),
+                                             "--max-body-bytes", str(1 << 20)))
+        config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port, variant_ports)
+        targets = {"plain": plain_port, "picker": listen, **variant_ports}
+        results = []
+        with EnvoyProcess(config, admin, binary) as envoy:
+            for name, concurrency, count, body_of, first_byte in phases(args.quick):
+                runs: dict[str, list] = {t: [] for t in targets}
+                for _ in range(args.rounds):
+                    for target, port in targets.items():
+                        url = f"http://127.0.0.1:{port}/v1/completions"
+                        runs[target].append(asyncio.run(closed_loop(url, concurrency, count // args.rounds, body_of,
+                                                                    first_byte)))
+                row = {"phase": name, "concurrency": concurrency}
+                for target, measured in runs.items():
+                    row[target] = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+                for target in targets:
+                    row[f"{target}_adds_p50_ms"] = row[target]["p50_ms"] - row["plain"]["p50_ms"]
+                results.append(row)
+                print(f"{name} (c={concurrency})", flush=True)
+                for t in targets:
+                    print(f"  {t:16s} p50 {row[t]['p50_ms']:8.2f} ms  p99 {row[t]['p99_ms']:8.2f} ms  "
+                          f"{row[t]['req_per_s']:6.0f} req/s  adds {row[t + '_adds_p50_ms']:6.2f} ms p50", flush=True)
+            stats = envoy.stats("http.")
+        errors = {k: v for k, v in stats.items() if ".ext_proc." in k and v and k.endswith(
+            ("streams_failed", "spurious_msgs_received", "message_timeouts"))}
+        print("ext_proc errors:", errors or "none")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"results": results, "ext_proc_errors": errors}, indent=1))
     return 0
 
 

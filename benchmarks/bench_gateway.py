@@ -14,25 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
 
+from geoserve.testing.processes import fast_fleet_toml, free_port, geoserve_process
+
 BODY = json.dumps({"model": "llama-70b", "prompt": "Say something short. " * 20, "max_tokens": 8,
                    "stream": True}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def ttfb(url: str, concurrency: int, count: int) -> list[float]:
@@ -59,40 +52,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     replica_port, gateway_port = free_port(), free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         fleet = Path(tmp) / "fleet.toml"
-        fleet.write_text(f'regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "llama-70b"\nversion = "v1"\n'
-                         f'region = "us"\ndecode_slots = 512\n'
-                         f'replicas = [{{id = "r0", endpoint = "127.0.0.1:{replica_port}"}}]\n'
-                         '[models.llama-70b]\nprefill_base_ms = 0.0077\nprefill_ms_per_token = 0.000107\n'
-                         'tpot_base_ms = 0.0284\ntpot_ms_per_batch = 0.00035\n')
-        try:
-            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "fake-replica", "--port", str(replica_port),
-                                           "--speed", "1000", "--slots", "512"], env=env, stdout=subprocess.PIPE, text=True))
-            procs[-1].stdout.readline()
-            procs.append(subprocess.Popen([sys.executable, "-m", "geoserve", "serve", str(fleet), "--region", "us",
-                                           "--port", str(gateway_port)], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, text=True))
-            procs[-1].stdout.readline()
-            targets = {"direct": replica_port, "gateway": gateway_port}
-            for concurrency in (1, 8):
-                samples: dict[str, list[float]] = {t: [] for t in targets}
-                for _ in range(args.rounds):
-                    for name, port in targets.items():
-                        samples[name] += asyncio.run(ttfb(f"http://127.0.0.1:{port}/v1/completions", concurrency,
-                                                          args.requests // args.rounds))
-                p50 = {t: statistics.median(v) for t, v in samples.items()}
-                p99 = {t: sorted(v)[int(0.99 * len(v))] for t, v in samples.items()}
-                print(f"c={concurrency}: direct p50 {p50['direct']:.3f} ms p99 {p99['direct']:.3f} | gateway p50 "
-                      f"{p50['gateway']:.3f} ms p99 {p99['gateway']:.3f} | adds {p50['gateway'] - p50['direct']:.3f} ms p50",
-                      flush=True)
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=10)
-                proc.stdout.close()
+        fleet.write_text(fast_fleet_toml(replica_port))
+        stack.enter_context(geoserve_process("fake-replica", "--port", str(replica_port), "--speed", "1000",
+                                             "--slots", "512"))
+        stack.enter_context(geoserve_process("serve", str(fleet), "--region", "us", "--port", str(gateway_port)))
+        targets = {"direct": replica_port, "gateway": gateway_port}
+        for concurrency in (1, 8):
+            samples: dict[str, list[float]] = {t: [] for t in targets}
+            for _ in range(args.rounds):
+                for name, port in targets.items():
+                    samples[name] += asyncio.run(ttfb(f"http://127.0.0.1:{port}/v1/completions", concurrency,
+                                                      args.requests // args.rounds))
+            p50 = {t: statistics.median(v) for t, v in samples.items()}
+            p99 = {t: sorted(v)[int(0.99 * len(v))] for t, v in samples.items()}
+            print(f"c={concurrency}: direct p50 {p50['direct']:.3f} ms p99 {p99['direct']:.3f} | gateway p50 "
+                  f"{p50['gateway']:.3f} ms p99 {p99['gateway']:.3f} | adds {p50['gateway'] - p50['direct']:.3f} ms p50",
+                  flush=True)
     return 0
 
 

@@ -10,7 +10,6 @@ in CI.
 import http.client
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,16 +24,11 @@ from geoserve.integrations.envoy import PickerServer  # noqa: E402
 from geoserve.testing import FakeReplica  # noqa: E402
 from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy  # noqa: E402
 from geoserve.testing.loop import LoopThread  # noqa: E402
+from geoserve.testing.processes import free_port, geoserve_process  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "envoy.md"
 SLOTS = 10
 SHARED = "You are a careful assistant. " * 300  # ~8.7 KB: 16+ shared 256-byte blocks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def body_mode(config: str, mode: str) -> str:
@@ -282,8 +276,6 @@ def test_the_grpc_health_service_answers(stack):
 def test_the_cli_serves_health_and_metrics(tmp_path):
     """``geoserve envoy-picker`` starts (no replica answers yet: every one is
     without signal), answers the gRPC health check and serves its metrics."""
-    import subprocess
-    import sys
     import urllib.request
 
     import grpc
@@ -293,18 +285,11 @@ def test_the_cli_serves_health_and_metrics(tmp_path):
     fleet.write_text('regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "m"\nversion = "v1"\n'
                      'region = "us"\nreplicas = [{id = "r0", endpoint = "127.0.0.1:9"}]\n')
     port, metrics = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "geoserve", "envoy-picker", str(fleet), "--region", "us",
-                             "--port", str(port), "--metrics-port", str(metrics), "--poll-ms", "100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        banner = proc.stdout.readline()
-        assert f"on 127.0.0.1:{port}" in banner, banner + proc.stdout.read()
+    with geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port", str(port),
+                          "--metrics-port", str(metrics), "--poll-ms", "100") as (_, banner):
+        assert f"on 127.0.0.1:{port}" in banner, banner
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
         assert "geoserve_picker_active_streams" in text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        proc.stdout.close()

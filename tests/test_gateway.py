@@ -17,6 +17,7 @@ from geoserve.integrations.gateway import Gateway  # noqa: E402
 from geoserve.resilience import RetryBudget  # noqa: E402
 from geoserve.testing import FakeReplica  # noqa: E402
 from geoserve.testing.loop import LoopThread  # noqa: E402
+from geoserve.testing.processes import fast_fleet_toml, free_port, geoserve_process  # noqa: E402
 
 SLOTS = 8
 
@@ -239,28 +240,17 @@ def test_graceful_shutdown_drains_in_flight_streams(stack):
 
 
 def test_the_cli_serves(tmp_path, stack):
-    import subprocess
-    import sys
     import urllib.request
 
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(f'regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "llama-70b"\nversion = "v1"\n'
-                     f'region = "us"\nreplicas = [{{id = "r0", endpoint = "127.0.0.1:{stack["ports"]["us-0"]}"}}]\n')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "geoserve", "serve", str(fleet), "--region", "us", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert f":{port}" in proc.stdout.readline()
+    fleet.write_text(fast_fleet_toml(stack["ports"]["us-0"], speed=10.0))
+    port = free_port()
+    with geoserve_process("serve", str(fleet), "--region", "us", "--port", str(port)) as (_, banner):
+        assert f":{port}" in banner
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(completion()).encode(),
                                          headers={"content-type": "application/json"})
         reply = json.loads(urllib.request.urlopen(request, timeout=10).read())
         assert reply["choices"][0]["text"].startswith("tok0")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 def test_inference_canaries_take_down_a_replica_whose_health_check_passes(stack):

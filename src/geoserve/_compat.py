@@ -11,7 +11,9 @@ import. ``native`` says which won. Two kernel modules, each with a twin:
     ttft_ms, budget_ms, cached_tokens, retry_after_ms)`` with indices into the fleet
     (``replica`` and ``retry_after_ms`` are -1 when absent);
     ``prefix_record(state, prefix, replica)``. The compiled module adds
-    ``Boundary``, the router's request-to-decision path for the common case.
+    ``Boundary``, the router's request-to-decision path for the common case, and
+    ``derive_columns``, the columnar snapshot derivation for the common dtypes (its
+    reference is ``snapshot.derive_columns``, which also takes every error).
 ``hashing`` (``_core/hashing.pyx`` / ``_twin/hashing.py``)
     ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``,
     ``ring_points(ids, vnodes)``, ``sort_ring(points, owners, starts)``.

@@ -68,7 +68,6 @@ LB_NAMESPACE = "envoy.lb"
 _MODES = processing_mode_pb2.ProcessingMode
 STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
@@ -400,9 +399,6 @@ class PickerServer:
         self.metrics_port = metrics_port
         self._server: Optional[grpc.aio.Server] = None
         self._metrics_server = None
-
-    async def poll_once(self) -> Snapshot:
-        return await self.feed.poll_once()
 
     async def start(self) -> int:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
