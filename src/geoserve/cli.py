@@ -17,6 +17,11 @@
 * ``geoserve envoy-picker FLEET --region R [--port P]`` - Envoy's ext_proc endpoint
   picker (geoserve.integrations.envoy; the [envoy] extra; docs/integrations/envoy.md).
 * ``geoserve bench [--quick] [--json FILE]`` - the micro-benchmarks (geoserve.bench).
+* ``geoserve plan [SCENARIO] [--check] [--json FILE] [--charts DIR]`` - the capacity
+  planner on a day (geoserve.plan; docs/capacity.md); ``--check`` adds the
+  simulator's verdict on sampled hours and a compressed day per scaler.
+* ``geoserve sweep --scenarios A,B --policies P,Q --seeds 1,2 [--ray ADDRESS]`` - a
+  grid of simulations on local processes or an existing Ray cluster.
 """
 
 from __future__ import annotations
@@ -122,6 +127,49 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.plot:
         for path in plot(result, args.plot):
             print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import default_plan_scenario, load_plan_scenario, plan_report
+    from .plan.report import print_report
+
+    ps = load_plan_scenario(args.scenario) if args.scenario else default_plan_scenario()
+    log = lambda msg: print(f"  {msg} ...", file=sys.stderr, flush=True)  # noqa: E731
+    out = plan_report(ps, check=args.check, day_scale=args.day_scale, compression=args.compression, log=log)
+    print_report(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    if args.charts:
+        from .plan.charts import charts
+
+        for path in charts(ps, out, args.charts):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan.sweep import FIGURES, grid, sweep
+
+    try:
+        cells = grid(args.scenarios.split(","), args.policies.split(","), [int(x) for x in args.seeds.split(",")],
+                     args.duration)
+    except ValueError as err:
+        print(f"geoserve: {err}", file=sys.stderr)
+        return 2
+    where = f"Ray at {args.ray}" if args.ray else f"{args.workers or 'all'} local processes"
+    print(f"{len(cells)} simulations on {where}", file=sys.stderr)
+    rows = sweep(cells, workers=args.workers, ray_address=args.ray)
+    cols = ("scenario", "policy", "seed") + FIGURES[:4]
+    print("  ".join(f"{c:>14}" for c in cols))
+    for row in rows:
+        print("  ".join(f"{row[c]:>14.4g}" if isinstance(row[c], float) else f"{str(row[c]):>14}" for c in cols))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
@@ -247,6 +295,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)
+    p = sub.add_parser("plan", help="capacity: placement strategies, cost and SLA over a day")
+    p.add_argument("scenario", nargs="?", help="a plan scenario TOML (default: the built-in seed day)")
+    p.add_argument("--check", action="store_true", help="check the recommendation in the simulator (minutes)")
+    p.add_argument("--day-scale", type=float, default=0.2, help="fleet scale of the simulated day")
+    p.add_argument("--compression", type=float, default=30.0, help="how much faster the simulated day runs")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--charts", help="write charts (PNG) into this folder (needs [sim])")
+    p.set_defaults(run=_plan)
+    p = sub.add_parser("sweep", help="a grid of scenarios x policies x seeds, in parallel")
+    p.add_argument("--scenarios", default="default", help="comma-separated TOML paths, or 'default'")
+    p.add_argument("--policies", default="geoserve", help="comma-separated routing policies")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    p.add_argument("--duration", type=float, help="override the scenarios' simulated seconds")
+    p.add_argument("--workers", type=int, help="local processes (default: one per core)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster ('auto', 'ray://...', or 'local')")
+    p.add_argument("--json", help="write the rows as JSON")
+    p.set_defaults(run=_sweep)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

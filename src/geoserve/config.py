@@ -235,3 +235,19 @@ def seed_topology(scale: float = 1.0, *, endpoint_base: str = "127.0.0.1") -> To
         aliases={"chat": "llama-70b"},
         fallbacks={"llama-70b": "llama-8b"},
     )
+
+
+def load_toml_file(path: str, kind: type):
+    """A TOML file decoded into ``kind`` (a msgspec Struct with ``validate()``),
+    every failure a ConfigError that names the field (or ``path`` / ``<file>``)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError("path", f"cannot read {p}: {err.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=kind).validate()
+    except msgspec.ValidationError as err:
+        raise ConfigError(_field_of(err), _message_of(err)) from None
+    except msgspec.DecodeError as err:
+        raise ConfigError("<file>", f"malformed TOML in {p.name}: {err}") from None

@@ -303,6 +303,11 @@ cdef class Engine:
                 tpot_v[r] = self.step_ms(r, self.r_batch[r])
                 rate_v[r] = self.prefill_rate[r] * self.r_slow[r]
             timings = {"tpot_ms": tpot, "prefill_ms_per_token": rate}
+        capacity = self.sim.capacity
+        if capacity is not None:  # the same hook as the Python engine's
+            accepting = capacity.on_signals(t, running, waiting)
+            timings["draining"] = ~accepting
+            usable &= accepting
         columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting,
                                 **timings)
         self.sim.slot_samples.append((t, used))

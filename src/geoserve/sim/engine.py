@@ -46,7 +46,7 @@ def build_demand(scenario: Scenario, rng: np.random.Generator) -> list[SimReques
             duration_s=scenario.duration_s, day_s=scenario.day_s, start_hour_utc=scenario.start_hour_utc,
             prompt_mean=d.prompt_mean, output_mean=d.output_mean, block_tokens=d.block_tokens,
             prefix_groups=d.prefix_groups, prefix_share=d.prefix_share, follow_up_share=d.follow_up_share,
-            priorities=d.priorities,
+            priorities=d.priorities, trough=d.trough,
         )
     loader = load_mooncake if d.kind == "mooncake" else load_azure
     rows = loader(d.path, d.limit or None)
@@ -102,6 +102,11 @@ class Simulation:
         self.slot_samples: list = []  # (t, slots in use per region), one per signal update
         self.now = 0.0
         self.end_ms = scenario.duration_s * 1000.0
+        # Capacity over time (geoserve.plan): an object with ``on_signals(t_ms,
+        # in_flight, queue_depth) -> accepting`` (one bool per replica), asked every
+        # signal round; a replica not accepting is reported draining (no new work,
+        # in-flight work finishes). None: the whole fleet serves throughout.
+        self.capacity = None
 
     # ------------------------------------------------------------ events
     def push(self, t: float, kind: int, a=None, b=None) -> None:
@@ -182,9 +187,13 @@ class Simulation:
             rate = self.fleet.default_prefill_ms_per_token
             timings = {"tpot_ms": np.array([r.step_ms(r.batch) for r in self.replicas]),
                        "prefill_ms_per_token": np.array([rate[i] * r.slow for i, r in enumerate(self.replicas)])}
+        usable = healthy & (t - observed <= self.fleet.policy.signal_max_age_ms)
+        if self.capacity is not None:
+            accepting = self.capacity.on_signals(t, running, waiting)
+            timings["draining"] = ~accepting
+            usable &= accepting
         columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting,
                                 **timings)
-        usable = healthy & (t - observed <= self.fleet.policy.signal_max_age_ms)
         self.slot_samples.append((t, used))
         if self.signal_delay_ms > 0:
             self.push(t + self.signal_delay_ms, DELIVER, columns, usable)

@@ -19,12 +19,11 @@ service scaled down and compressed in time:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Optional
 
 import msgspec
 
-from ..config import _field_of, _message_of
+from ..config import load_toml_file
 from ..errors import ConfigError
 from ..resilience import EjectionPolicy, HealthPolicy
 
@@ -50,6 +49,7 @@ class DemandSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shares: tuple[float, ...] = (0.45, 0.30, 0.25)
     mean_rate: float = 70.0  # requests/s over the whole run, all regions
     follow_the_sun: bool = False
+    trough: float = 0.3  # synthetic: demand twelve hours from the local peak, relative to it (1.0: flat)
     prompt_mean: float = 1155.0
     output_mean: float = 211.0
     block_tokens: int = 64
@@ -140,6 +140,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("duration_s", "must be a finite number > 0")
         if self.signal_interval_ms <= 0:
             raise ConfigError("signal_interval_ms", "must be > 0")
+        if not 0.0 < self.demand.trough <= 1.0:
+            raise ConfigError("demand.trough", "must be in (0, 1]")
         if self.demand.kind not in ("synthetic", "mooncake", "azure"):
             raise ConfigError("demand.kind", f"must be synthetic, mooncake or azure, got {self.demand.kind!r}")
         for i, fault in enumerate(self.faults):
@@ -163,17 +165,7 @@ def default_scenario() -> Scenario:
 
 
 def load_scenario(path: str) -> Scenario:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as err:
-        raise ConfigError("path", f"cannot read {p}: {err.strerror}") from None
-    try:
-        return msgspec.toml.decode(data, type=Scenario).validate()
-    except msgspec.ValidationError as err:
-        raise ConfigError(_field_of(err), _message_of(err)) from None
-    except msgspec.DecodeError as err:
-        raise ConfigError("<file>", f"malformed TOML in {p.name}: {err}") from None
+    return load_toml_file(path, Scenario)
 
 
 def scenario_topology(s: Scenario):
