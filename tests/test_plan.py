@@ -215,7 +215,7 @@ def test_autoscaler_scales_up_at_once_and_down_with_hysteresis():
     assert pool.provisioned(0) == 5 and pool.count(0, STARTING) == 3
     step(20.0, 10)  # demand falls: nothing is drained yet
     assert pool.provisioned(0) == 5
-    step(20.0 + 900.0, 10)  # still low, but the last scale-up was under 900 s before... now it is not
+    step(20.0 + 900.0, 10)  # 900 s low and 910 s after the last scale-up
     assert pool.provisioned(0) == 4  # one step down
     step(930.0, 10)
     assert pool.provisioned(0) == 4  # one step per period

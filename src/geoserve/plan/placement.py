@@ -284,8 +284,9 @@ def region_loss(s: PlanScenario, plan: Plan, *, svc: Optional[dict] = None) -> d
     per_model, _, _ = _strategy_inputs(s, plan.strategy)
     inter = interactive_share(s)
     cases = {}
-    worst = np.maximum.reduce([make_plan(s, plan.strategy, svc=svc, lost=r).replicas for r in s.region_names
-                               if any(r != other for other in s.region_names)])
+    if len(s.regions) < 2:
+        raise ValueError("a region loss needs a second region to fail over to")
+    worst = np.maximum.reduce([make_plan(s, plan.strategy, svc=svc, lost=r).replicas for r in s.region_names])
     # headroom: every region's count covers any single loss (the lost region's own are moot)
     headroom = Plan(plan.strategy + "+n1", plan.regions, plan.models, np.maximum(worst, plan.replicas),
                     plan.gpus_per_replica, plan.price, plan.cold_start_h)
