@@ -229,7 +229,7 @@ def test_a_saturated_fleet_sheds_sheddable_traffic_and_serves_interactive(stack)
         for i in range(count):
             threads.append(threading.Thread(target=long_request, args=(i, origin)))
             threads[-1].start()
-        assert wait_for(lambda: sum(r.running + r.waiting for r in replicas.values()) >= len(threads))
+        assert wait_for(lambda: sum(r.running + r.waiting for r in replicas.values()) >= len(threads), timeout=30.0)
     try:
         assert wait_for(lambda: all(r.running + r.waiting >= 0.8 * SLOTS for r in replicas.values())), \
             {rid: r.running + r.waiting for rid, r in replicas.items()}
