@@ -54,3 +54,28 @@ def test_the_compiled_engine_is_the_default_and_the_switch_forces_the_twin():
     assert out.stdout.strip() == "python"
     with pytest.raises(ValueError):
         Simulation(scenario(), "geoserve", engine="fortran")
+
+
+def test_geoserve_without_a_guard_is_routed_through_the_routers_c_entry_points(monkeypatch):
+    # The compiled engine calls the router's compiled boundary directly (no Request
+    # or Decision per call) where geoserve's policy would; with a guard in between
+    # (resilience), it asks the policy. Either way the reports are the twin's.
+    from geoserve.sim.policies import Geoserve
+
+    calls = {"route": 0, "complete": 0}
+    for name in calls:
+        original = getattr(Geoserve, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(Geoserve, name, counted)
+    plain = CASES["outage"]
+    sim = Simulation(plain, "geoserve", engine="native")
+    sim.run()
+    assert calls == {"route": 0, "complete": 0}
+    assert sum(q.attempts for q in sim.requests) > len(sim.requests)  # retries took the C path too
+    guarded = Simulation(CASES["resilience"], "geoserve", engine="native")
+    guarded.run()
+    assert calls["route"] >= len(guarded.requests) and calls["complete"] > 0

@@ -18,13 +18,6 @@ from .common cimport XXH3_64bits, mix64, prefetch
 cnp.import_array()
 
 cdef enum:
-    SERVE = 0
-    OVERFLOW = 1
-    QUEUE = 2
-    DEGRADE = 3
-    SHED = 4
-
-cdef enum:
     R_AFFINITY = 0
     R_LEAST_TTFT = 1
     R_LOCAL_DEGRADED = 2
@@ -40,7 +33,6 @@ cdef enum:
     PROBE = 4
     WAYS = 4
     MAX_REGIONS = 64
-    MAX_RANKED = 17  # Policy.max_fallbacks <= 16, plus the primary
 
 # Exported so that a test can pin them to geoserve._codes and geoserve.state.
 CODES = dict(SERVE=SERVE, OVERFLOW=OVERFLOW, QUEUE=QUEUE, DEGRADE=DEGRADE, SHED=SHED,
@@ -130,43 +122,6 @@ cdef struct StateC:
     PrefixEntry* prefix
     uint64_t* clock
     uint64_t mask
-
-
-cdef struct ReqC:
-    int origin
-    int home
-    int priority
-    int64_t prompt_tokens
-    uint64_t ring_key
-    bint has_key
-    const uint64_t* prefix
-    Py_ssize_t n_prefix
-    int64_t block_tokens
-    const int32_t* exclude
-    Py_ssize_t n_exclude
-    double waited_ms
-    double local_budget
-    double cross_budget
-    double ceiling
-    double spill_need
-
-
-cdef struct PickC:
-    int action
-    int reason
-    int replica
-    double network
-    double queue
-    double prefill
-    double decode
-    double ttft
-    double budget
-    int64_t cached
-    int n_fallbacks
-    int fallbacks[MAX_RANKED]
-    int wait_replica
-    double wait_ms
-    int64_t wait_load
 
 
 cdef struct ModelC:
@@ -1195,9 +1150,6 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from libc.math cimport isfinite
 
-cdef enum:
-    MAX_EXCLUDE = 64
-    MAX_PREFIX_BLOCKS = 65536
 
 cdef int64_t MAX_COUNT = 2147483648  # counts above 2**31 are no request's: the Python boundary refuses them
 
@@ -1217,6 +1169,15 @@ cdef inline bint _plain_count(object value, int64_t* out) noexcept:
     return True
 
 
+cdef inline void _class_of(const FleetC* f, ReqC* req) noexcept:
+    # The request's home region and its class's budgets, ceiling and spill need.
+    req.home = f.home[req.origin]
+    req.local_budget = f.class_local_budget_ms[req.priority]
+    req.cross_budget = f.class_cross_budget_ms[req.priority]
+    req.ceiling = f.class_slot_ceiling[req.priority]
+    req.spill_need = 1.0 + f.class_spill_reserve[req.priority]
+
+
 cdef class Boundary:
     """router.py's request-to-decision path for the common case, compiled.
 
@@ -1225,31 +1186,6 @@ cdef class Boundary:
     stays the one place where validation and error messages are written, and the
     differential tests hold this one to it.
     """
-    cdef object router
-    cdef object fleet
-    cdef object decision_cls
-    cdef dict model_refs
-    cdef list versions_by_model
-    cdef dict locations
-    cdef dict priorities
-    cdef dict replica_index
-    cdef list replica_ids
-    cdef list endpoints
-    cdef list replica_region_names
-    cdef list replica_version_names
-    cdef list model_names
-    cdef list home_region_names
-    cdef tuple action_names
-    cdef tuple reason_names
-    cdef int64_t ring_key_tokens
-    cdef int n_replicas
-    cdef int n_regions
-    cdef dict action_codes
-    cdef dict region_index
-    cdef object state  # the router's own state (the boundary is rebuilt when it changes)
-    cdef object acquire
-    cdef object release_lock
-
     def __cinit__(self, router, decision_cls, action_names, reason_names):
         fleet = router.fleet
         self.router = router
@@ -1290,33 +1226,69 @@ cdef class Boundary:
             return 1
         return state.n_replicas == self.n_replicas and state.n_regions == self.n_regions
 
-    cdef int _resolve(self, request, snapshot, ReqC* req, int* model, int* version, int32_t* exclude) except -1:
-        """Fill ``req``; 0 when the Python boundary must take over."""
-        cdef object ref, v, origin, priority, value, prefix, excl, session
-        cdef int64_t count, k, n
-        cdef double waited
-        cdef Py_ssize_t size, i
-        cdef const char* utf8
-        cdef cnp.ndarray arr
-        if snapshot.fleet is not self.fleet:
-            return 0
-        ref = self.model_refs.get(request.model)
+    cdef int resolve_names(self, model, origin, priority, int* ids) except -1:
+        cdef object ref = self.model_refs.get(model)
         if ref is None:
             return 0
-        model[0] = (<tuple>ref)[0]
-        version[0] = (<tuple>ref)[1]
+        ids[0] = (<tuple>ref)[0]
+        ids[1] = (<tuple>ref)[1]
+        origin = self.locations.get(origin)
+        priority = self.priorities.get(priority)
+        if origin is None or priority is None:
+            return 0
+        ids[2] = origin
+        ids[3] = priority
+        return 1
+
+    cdef int ring_key(self, session, ReqC* req) except -1:
+        cdef int64_t k
+        cdef Py_ssize_t size
+        cdef const char* utf8
+        if session is None:
+            if req.n_prefix > 0:
+                k = (self.ring_key_tokens + req.block_tokens - 1) // req.block_tokens
+                if k < 1:
+                    k = 1
+                if k > req.n_prefix:
+                    k = req.n_prefix
+                req.ring_key = req.prefix[k - 1]
+                req.has_key = True
+            else:
+                req.ring_key = 0
+                req.has_key = False
+            return 1
+        if type(session) is not str:
+            return 0
+        try:
+            utf8 = PyUnicode_AsUTF8AndSize(session, &size)
+        except UnicodeEncodeError:
+            return 0
+        req.ring_key = XXH3_64bits(utf8, size)
+        req.has_key = True
+        return 1
+
+    cdef int _resolve(self, request, snapshot, ReqC* req, int* model, int* version, int32_t* exclude) except -1:
+        """Fill ``req``; 0 when the Python boundary must take over."""
+        cdef object v, value, prefix, excl
+        cdef int64_t count, n
+        cdef double waited
+        cdef Py_ssize_t i
+        cdef cnp.ndarray arr
+        cdef int ids[4]
+        if snapshot.fleet is not self.fleet:
+            return 0
+        if not self.resolve_names(request.model, request.origin, request.priority, ids):
+            return 0
+        model[0] = ids[0]
+        version[0] = ids[1]
         v = request.version
         if v is not None:
             v = (<dict>self.versions_by_model[model[0]]).get(v)
             if v is None:
                 return 0
             version[0] = v
-        origin = self.locations.get(request.origin)
-        priority = self.priorities.get(request.priority)
-        if origin is None or priority is None:
-            return 0
-        req.origin = origin
-        req.priority = priority
+        req.origin = ids[2]
+        req.priority = ids[3]
         if not _plain_count(request.prompt_tokens, &req.prompt_tokens):
             return 0
         if not _plain_count(request.max_tokens, &count):
@@ -1349,27 +1321,7 @@ cdef class Boundary:
         else:
             return 0
 
-        session = request.session
-        if session is None:
-            if req.n_prefix > 0:
-                k = (self.ring_key_tokens + req.block_tokens - 1) // req.block_tokens
-                if k < 1:
-                    k = 1
-                if k > req.n_prefix:
-                    k = req.n_prefix
-                req.ring_key = req.prefix[k - 1]
-                req.has_key = True
-            else:
-                req.ring_key = 0
-                req.has_key = False
-        elif type(session) is str:
-            try:
-                utf8 = PyUnicode_AsUTF8AndSize(session, &size)
-            except UnicodeEncodeError:
-                return 0
-            req.ring_key = XXH3_64bits(utf8, size)
-            req.has_key = True
-        else:
+        if not self.ring_key(request.session, req):
             return 0
 
         excl = request.exclude
@@ -1433,11 +1385,7 @@ cdef class Boundary:
         cdef SnapshotView sv = _snapshot_view(snapshot)
         cdef StateView tv = _state_view(state)
         cdef int64_t state_epoch = state.epoch
-        req.home = sv.f.home[req.origin]
-        req.local_budget = sv.f.class_local_budget_ms[req.priority]
-        req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
-        req.ceiling = sv.f.class_slot_ceiling[req.priority]
-        req.spill_need = 1.0 + sv.f.class_spill_reserve[req.priority]
+        _class_of(&sv.f, &req)
         with nogil:
             _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
         return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
@@ -1447,30 +1395,33 @@ cdef class Boundary:
         cdef ReqC req
         cdef PickC out
         cdef int model, version, out_model
-        cdef int64_t retry, state_epoch
+        cdef int64_t retry, epoch
         cdef int32_t exclude[MAX_EXCLUDE]
-        cdef object state = self.state
         if not self._resolve(request, snapshot, &req, &model, &version, exclude):
             return None
+        self.route_c(snapshot, &req, model, version, &out, &out_model, &retry, &epoch)
+        return self._decision(request, &out, out_model, retry, epoch, req.origin)
+
+    cdef int route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
+                     int64_t* epoch) except -1:
+        cdef int64_t state_epoch
+        cdef object state = self.state
         cdef SnapshotView sv = _snapshot_view(snapshot)
         cdef StateView tv = _state_view(state)
-        req.home = sv.f.home[req.origin]
-        req.local_budget = sv.f.class_local_budget_ms[req.priority]
-        req.cross_budget = sv.f.class_cross_budget_ms[req.priority]
-        req.ceiling = sv.f.class_slot_ceiling[req.priority]
-        req.spill_need = 1.0 + sv.f.class_spill_reserve[req.priority]
+        _class_of(&sv.f, req)
         self.acquire()
         try:
             if sv.s.epoch > state.epoch:
                 state.roll(sv.s.epoch)
             state_epoch = state.epoch
             with nogil:
-                _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
+                _decide(&sv.f, &sv.s, &tv.st, state_epoch, req, model, version, out, out_model, retry)
                 _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix,
                         out.prefill)
         finally:
             self.release_lock()
-        return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
+        epoch[0] = sv.s.epoch
+        return 0
 
     cpdef object fast_complete(self, decision, replica, ok):
         """Release what route() recorded; False to take the Python boundary (a
@@ -1478,8 +1429,6 @@ cdef class Boundary:
         cdef object code, region
         cdef int action, home = -1
         cdef int r
-        cdef int64_t epoch
-        cdef object state = self.state
         if replica is not None and replica != decision.replica and ok:
             return False
         code = self.action_codes.get(decision.action)
@@ -1491,19 +1440,21 @@ cdef class Boundary:
             if region is None:
                 return False
             home = region
-        epoch = decision.epoch
         r = decision.replica_index
+        if r >= self.n_replicas:
+            return False
+        self.release_c(action, r, decision.epoch, home, decision.prefill_ms)
+        return True
+
+    cdef int release_c(self, int action, int replica, int64_t epoch, int home, double prefill_ms) except -1:
+        cdef object state = self.state
         cdef StateView tv = _state_view(state)
         self.acquire()
         try:
-            if epoch != state.epoch:
-                r = -1
-            if r >= self.n_replicas:
-                return False
-            _release(&tv.st, state.epoch, action, r, epoch, home, decision.prefill_ms)
+            _release(&tv.st, state.epoch, action, replica if epoch == state.epoch else -1, epoch, home, prefill_ms)
         finally:
             self.release_lock()
-        return True
+        return 0
 
     # The router's public methods, bound onto it (Router._set_fleet): the compiled
     # path first, the Python boundary when it declines.

@@ -6,7 +6,12 @@
 Same events, same keys ``(time, kind, seq)``, the same float expressions in the
 same order, the same canonical orders (an outage drops requests by id), so both
 engines produce byte-identical reports (``tests/test_sim_engines.py``). Policies
-stay Python objects and are called exactly where the Python engine calls them;
+stay Python objects and are called exactly where the Python engine calls them,
+except one: when geoserve's policy has nothing of its own between the engine and
+the router (no resilience guard), the engine calls the router's compiled boundary
+through its C entry points (``_core/decide.pxd``: the same decide-and-record and
+release as ``Router.route``/``complete``, without a Request and a Decision object
+per call), exactly where the policy would have called it;
 requests stay ``SimRequest`` objects, whose fields the policies read are kept
 current (``replica`` before ``complete``, ``tried`` after a failure) and the rest
 (outcome, latencies, ``attempts``, ``queued``...) are written back at the end.
@@ -22,6 +27,8 @@ from libcpp.vector cimport vector
 from libcpp.algorithm cimport sort
 
 from .common cimport mix64, prefetch
+from .decide cimport Boundary, ReqC, PickC, MAX_EXCLUDE, MAX_PREFIX_BLOCKS
+from .decide cimport SERVE as A_SERVE, OVERFLOW as A_OVERFLOW, QUEUE as A_QUEUE, DEGRADE as A_DEGRADE, SHED as A_SHED
 
 cimport numpy as cnp
 import numpy as np
@@ -56,6 +63,12 @@ cdef enum:
 
 ctypedef pair[double, pair[int64_t, int64_t]] Entry  # (-t, (-(kind << 40 | seq), seq))
 ctypedef pair[double, pair[int64_t, int]] Decoder  # (-finish, (-seq, request))
+
+
+cdef enum:
+    A_LOST = 5  # a baseline's answer beside the router's actions (A_SERVE..A_SHED)
+
+ACTIONS = {"serve": A_SERVE, "overflow": A_OVERFLOW, "queue": A_QUEUE, "degrade": A_DEGRADE, "shed": A_SHED, "lost": A_LOST}
 
 
 cdef class Engine:
@@ -94,6 +107,15 @@ cdef class Engine:
     cdef int max_attempts
     cdef bint engine_timings
     cdef vector[double] prefill_rate
+    # the router's C entry points (geoserve's policy without a guard), per request:
+    # its names resolved once, its ring key, and what its last decision holds
+    cdef Boundary direct
+    cdef object snapshot  # the policy's, taken after each delivery
+    cdef vector[int] d_model, d_version, d_origin, d_priority, d_action, d_replica, d_home
+    cdef vector[bint] d_ok, d_has_key
+    cdef vector[uint64_t] d_key
+    cdef vector[int64_t] d_epoch
+    cdef vector[double] d_prefill
 
     def __init__(self, sim, progress=None):
         self.sim = sim
@@ -189,6 +211,51 @@ cdef class Engine:
             self.c_size.push_back(0)
             self.c_table[rep.index].resize(2 * CACHE_MIN, 0)  # grows with use: idle replicas stay small
         self.fault_ops = sim.fault_schedule()
+        boundary = getattr(self.policy, "boundary", None)
+        if boundary is not None and self.max_attempts <= MAX_EXCLUDE:
+            self._direct(boundary)
+
+    cdef void _direct(self, Boundary b) except *:
+        """Resolve every request's names once for the router's C entry points; a
+        request they cannot take (a name the router does not know, odd counts) goes
+        through the policy, which raises or answers as the Python boundary does."""
+        cdef size_t n = len(self.reqs)
+        cdef int q
+        cdef int ids[4]
+        cdef ReqC req
+        cdef dict names = {}
+        self.direct = b
+        self.d_model.assign(n, -1); self.d_version.assign(n, -1); self.d_origin.assign(n, -1); self.d_priority.assign(n, -1)
+        self.d_action.assign(n, -1); self.d_replica.assign(n, -1); self.d_home.assign(n, -1)
+        self.d_ok.assign(n, False); self.d_has_key.assign(n, False); self.d_key.assign(n, 0)
+        self.d_epoch.assign(n, 0); self.d_prefill.assign(n, 0.0)
+        for q in range(<int>n):
+            r = self.reqs[q]
+            key = (r.model, r.origin, r.priority)
+            got = names.get(key)
+            if got is None:
+                got = names[key] = (ids[0], ids[1], ids[2], ids[3]) if b.resolve_names(r.model, r.origin, r.priority, ids) else ()
+            if not got or self.block_tokens[q] < 1 or not (0 <= self.prompt[q] <= 2147483648) \
+                    or not (0 <= self.output[q] <= 2147483648) or self.blocks_at[q + 1] - self.blocks_at[q] > MAX_PREFIX_BLOCKS:
+                continue
+            self.d_model[q], self.d_version[q], self.d_origin[q], self.d_priority[q] = got
+            self._fill(q, &req)
+            if not b.ring_key(r.session, &req):
+                continue
+            self.d_key[q] = req.ring_key
+            self.d_has_key[q] = req.has_key
+            self.d_ok[q] = True
+
+    cdef inline void _fill(self, int q, ReqC* req) noexcept:
+        req.origin = self.d_origin[q]
+        req.priority = self.d_priority[q]
+        req.prompt_tokens = self.prompt[q]
+        req.block_tokens = self.block_tokens[q]
+        req.prefix = self.blocks.data() + self.blocks_at[q]
+        req.n_prefix = self.blocks_at[q + 1] - self.blocks_at[q]
+        req.ring_key = self.d_key[q]
+        req.has_key = self.d_has_key[q]
+        req.n_exclude = 0
 
     cdef void _add_blocks(self, q) except *:
         cdef const uint64_t* p
@@ -248,7 +315,7 @@ cdef class Engine:
                     self.push(t + self.signal_interval, SIGNAL, 0, 0)
             elif kind == DELIVER:
                 columns, usable = self.deliveries.pop(s)
-                self.policy.on_signals(columns, usable)
+                self._deliver(columns, usable)
             elif kind == RETRY:
                 self._route(<int>self.ev_a[s - 1], t)
             elif kind == FAIL:
@@ -315,7 +382,12 @@ cdef class Engine:
             self.push(t + self.signal_delay, DELIVER, 0, 0)
             self.deliveries[self.seq] = (columns, usable)
         else:
-            self.policy.on_signals(columns, usable)
+            self._deliver(columns, usable)
+
+    cdef void _deliver(self, columns, usable) except *:
+        self.policy.on_signals(columns, usable)
+        if self.direct is not None:
+            self.snapshot = self.policy.snapshot
 
     # ---------------------------------------------------------------- replica model
     cdef double prefill_ms(self, int m, double tokens):
@@ -376,8 +448,9 @@ cdef class Engine:
         return present
 
     cdef void cache_grow(self, int r) noexcept:
-        cdef vector[uint64_t] old = self.c_table[r]
+        cdef vector[uint64_t] old
         cdef size_t k
+        old.swap(self.c_table[r])
         self.c_table[r].assign(2 * old.size(), 0)
         self.c_size[r] = 0
         for k in range(0, old.size(), 2):
@@ -491,22 +564,68 @@ cdef class Engine:
     cdef void _route(self, int q, double t) except *:
         cdef int r
         cdef double retry_after
-        req = self.reqs[q]
+        cdef int code
         self.attempts[q] += 1
-        action, r, retry_after = self.policy.route(req, t)
-        if action == "queue":
+        if self.direct is not None and self.d_ok[q]:
+            code = self._route_direct(q, t, &r, &retry_after)
+        else:
+            req = self.reqs[q]
+            action, r, retry_after = self.policy.route(req, t)
+            code = ACTIONS[action]
+            if code != A_QUEUE and code != A_SHED and code != A_LOST and r >= 0:
+                req.replica = r
+        if code == A_QUEUE:
             self.queued[q] += 1
             self.push(t + (retry_after if retry_after > 1.0 else 1.0), RETRY, q, 0)
             return
-        if action == "shed" or action == "lost" or r < 0:
-            self._terminal(q, SHED if action == "shed" else LOST)
+        if code == A_SHED or code == A_LOST or r < 0:
+            self._terminal(q, SHED if code == A_SHED else LOST)
             return
         self.replica[q] = r
-        req.replica = r
         self.region[q] = self.r_region[r]
         self.model[q] = self.r_model[r]
-        self.outcome[q] = SERVED if action == "serve" else (OVERFLOWED if action == "overflow" else DEGRADED)
+        self.outcome[q] = SERVED if code == A_SERVE else (OVERFLOWED if code == A_OVERFLOW else DEGRADED)
         self.push(t + self.one_way[self.origin[q] * self.n_regions + self.r_region[r]], REACH, q, self.attempts[q])
+
+    cdef int _route_direct(self, int q, double t, int* r, double* retry_after) except -1:
+        # geoserve's policy, route(): give back a queue slot held from an earlier
+        # ask, then decide and record (Geoserve.route and Router.route, compiled).
+        cdef ReqC req
+        cdef PickC out
+        cdef int out_model, k
+        cdef int64_t retry, epoch
+        cdef int32_t exclude[MAX_EXCLUDE]
+        cdef tuple tried
+        if self.d_action[q] == A_QUEUE:
+            self.direct.release_c(A_QUEUE, -1, self.d_epoch[q], self.d_home[q], self.d_prefill[q])
+        self._fill(q, &req)
+        req.waited_ms = t - self.arrival[q]
+        req.exclude = exclude
+        if self.attempts[q] > 1:  # after a failure: never the replicas it failed on
+            tried = self.reqs[q].tried
+            for k in range(len(tried)):
+                exclude[k] = tried[k]
+            req.n_exclude = len(tried)
+        self.direct.route_c(self.snapshot, &req, self.d_model[q], self.d_version[q], &out, &out_model, &retry,
+                            &epoch)
+        self.d_action[q] = out.action
+        self.d_replica[q] = out.replica if out.replica >= 0 and out.action != A_QUEUE else -1
+        self.d_epoch[q] = epoch
+        self.d_home[q] = req.home
+        self.d_prefill[q] = out.prefill
+        r[0] = self.d_replica[q]
+        retry_after[0] = <double>retry if retry > 0 else 0.0
+        return out.action
+
+    cdef void _release(self, int q, bint ok, double t) except *:
+        # geoserve's policy, complete(): what a decision holding a replica gives back
+        cdef int action
+        if self.direct is not None and self.d_ok[q]:
+            action = self.d_action[q]
+            if action == A_SERVE or action == A_OVERFLOW or action == A_DEGRADE:
+                self.direct.release_c(action, self.d_replica[q], self.d_epoch[q], -1, self.d_prefill[q])
+        else:
+            self.policy.complete(self.reqs[q], ok, t, self.ttft[q] if ok else NAN)
 
     cdef void _reach(self, int q, int attempt, double t) except *:
         cdef int r = self.replica[q]
@@ -546,7 +665,7 @@ cdef class Engine:
         for k in range(done.size()):
             q = done[k]
             self.completion[q] = t + self.back(q) - self.arrival[q]
-            self.policy.complete(self.reqs[q], True, t, self.ttft[q])
+            self._release(q, True, t)
         while not self.r_waiting[r].empty() and self.r_in_use[r] < self.r_slots[r]:
             q = self.r_waiting[r].front()
             self.r_waiting[r].pop_front()
@@ -558,7 +677,7 @@ cdef class Engine:
         if self.attempts[q] != attempt:
             return
         req = self.reqs[q]
-        self.policy.complete(req, False, t, NAN)
+        self._release(q, False, t)
         if not isnan(self.ttft[q]):  # failed after its first token: never retried
             self._terminal(q, LOST)
             return

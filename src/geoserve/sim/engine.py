@@ -17,6 +17,7 @@ Every request ends in exactly one terminal state (asserted at the end).
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -114,10 +115,22 @@ class Simulation:
         heapq.heappush(self.heap, (t, kind, self.seq, a, b))
 
     def run(self, progress: Optional[Callable[[float], None]] = None) -> list[SimRequest]:
-        if self.engine == "native":
-            _compat.compiled_simcore.Engine(self, progress).run()
-            self._check_conservation()
-            return self.requests
+        # The run makes no reference cycles worth collecting (requests, decisions
+        # and snapshots are acyclic): the cyclic collector only rescans them.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            if self.engine == "native":
+                _compat.compiled_simcore.Engine(self, progress).run()
+            else:
+                self._run_python(progress)
+        finally:
+            if collecting:
+                gc.enable()
+        self._check_conservation()
+        return self.requests
+
+    def _run_python(self, progress: Optional[Callable[[float], None]]) -> None:
         s = self.scenario
         end_ms = s.duration_s * 1000.0
         self._schedule_faults()
@@ -159,8 +172,6 @@ class Simulation:
         self.end_ms = max(self.now, end_ms)
         if progress:
             progress(1.0)
-        self._check_conservation()
-        return arrivals
 
     def _work_left(self) -> bool:
         if any(r.in_use or r.waiting for r in self.replicas):

@@ -216,6 +216,13 @@ class Geoserve(RoutingPolicy):
         self.ids = self.fleet.replica_ids
         self.guard = _Guard(sim) if sim.scenario.resilience is not None or sim.scenario.canary is not None else None
 
+    @property
+    def boundary(self):
+        """The router's compiled boundary when nothing of this policy's stands between
+        the engine and the router (no guard): the compiled engine then calls its C
+        entry points where ``route``/``complete`` below would call the router."""
+        return self.router._boundary if self.guard is None else None
+
     def on_signals(self, columns, usable) -> None:
         if self.guard is not None:
             columns = self.guard.fold(columns)
