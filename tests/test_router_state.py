@@ -29,7 +29,8 @@ def test_a_newer_snapshot_starts_the_epoch_counters_afresh(impl):
     s1 = snapshot(r, region={"ap": dict(in_flight=8)})
     old = r.route(req("ap"), s1)
     assert old.action == "overflow" and r.state.spill_total.sum() == 1 and r.state.pending.sum() == 1
-    s2 = snapshot(r, region={"ap": dict(in_flight=8)})
+    # a second later: the old request's prefill (~115 ms predicted) is done by then
+    s2 = snapshot(r, now=1000.0, region={"ap": dict(in_flight=8)})
     # decide() against the newer snapshot ignores the old epoch's counters ...
     assert r.decide(req("ap"), s2).replica == old.replica
     r.route(req("eu"), s2)  # ... and route() rolls them over
@@ -118,3 +119,34 @@ def test_explicit_state_can_be_passed_to_decide(impl):
     else:
         raise AssertionError("a state of the wrong shape must be refused")
     assert np.all(r.state.pending == 0)
+
+
+def test_a_prefill_sent_before_a_snapshot_is_still_ahead_after_it(impl):
+    # The engine reports a prefill in progress as running, not waiting: the next
+    # snapshot's queue depth is 0, but the router knows how much of it is left.
+    r = g.Router(topology(), implementation=impl)
+    us = ids_in(r, "us")
+    only_first = tuple(us[1:])
+    long = r.route(req(prompt_tokens=8000, exclude=only_first), snapshot(r, now=0.0))
+    assert long.replica == us[0] and long.prefill_ms > 800.0
+    later = snapshot(r, now=300.0, replica={us[0]: dict(in_flight=1)})
+    d = r.decide(req(prompt_tokens=100, exclude=only_first), later)
+    assert d.queue_ms == long.prefill_ms - 300.0
+    # once it is over (by the clock or by its completion), nothing of it is left
+    assert r.decide(req(prompt_tokens=100, exclude=only_first),
+                    snapshot(r, now=long.prefill_ms + 1.0)).queue_ms == 0.0
+    r.complete(long, replica=long.replica)
+    assert r.decide(req(prompt_tokens=100, exclude=only_first), later).queue_ms == 0.0
+
+
+def test_a_membership_change_carries_the_prefill_backlog_by_replica_id(impl):
+    r = g.Router(topology(), implementation=impl)
+    us = ids_in(r, "us")
+    long = r.route(req(prompt_tokens=8000, exclude=tuple(us[1:])), snapshot(r))
+    before = float(r.state.prefill_until_ms[r.fleet.replica_index[long.replica]])
+    r.update_topology(topology([d for d in topology().deployments if d.region != "eu"]))
+    i = r.fleet.replica_index[long.replica]
+    assert float(r.state.prefill_until_ms[i]) == before
+    assert np.isfinite(r.state.prefill_until_ms).sum() == 1
+    r.complete(long, replica=long.replica)  # no error; what it releases is only ever its own replica's
+    assert np.isfinite(r.state.prefill_until_ms).sum() == 1 and float(r.state.prefill_until_ms[i]) <= before

@@ -163,3 +163,31 @@ def test_other_dtypes_and_shapes_take_the_reference_path(column, values):
     snap = router.snapshot(columns)  # the router falls back to the reference
     for name, b in zip(DERIVED, expected):
         assert np.array_equal(getattr(snap, name), b), name
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_a_measured_step_time_scales_the_service_time_unless_it_is_measured_too(columns):
+    r = g.Router(topology())
+    ids = r.fleet.replica_ids
+    n = len(ids)
+    f = r.fleet
+    step = f.default_tpot_base_ms[0] + f.default_tpot_ms_per_batch[0] * f.service_batch[0]  # at half the slots
+    tpot = np.full(n, math.nan)
+    tpot[0] = tpot[1] = 3 * step  # three times the profile's step
+    service = np.full(n, math.nan)
+    service[1] = 5000.0
+    if columns:
+        signals = g.SignalColumns(now_ms=0.0, observed_ms=np.zeros(n), in_flight=np.zeros(n, dtype=np.int32),
+                                  queue_depth=np.zeros(n, dtype=np.int32), tpot_ms=tpot, mean_service_ms=service)
+    else:
+        signals = g.Signals(now_ms=0.0, replicas=tuple(
+            g.ReplicaSignal(replica=rid, observed_ms=0.0, tpot_ms=None if math.isnan(tpot[i]) else float(tpot[i]),
+                            mean_service_ms=None if math.isnan(service[i]) else float(service[i]))
+            for i, rid in enumerate(ids)))
+    s = r.snapshot(signals)
+    default = r.fleet.default_service_ms
+    prefill = f.prefill_base_ms[0] + f.default_prefill_ms_per_token[0] * 1155
+    assert s.service_ms[0] == pytest.approx(default[0] * (prefill + 211 * tpot[0]) / (prefill + 211 * step))
+    assert 2.5 < s.service_ms[0] / default[0] < 3.0  # the decode part triples, the prefill part does not
+    assert s.service_ms[1] == 5000.0  # measured: as reported
+    assert np.array_equal(s.service_ms[2:], default[2:])  # nothing measured: exactly the profile's

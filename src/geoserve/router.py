@@ -96,7 +96,7 @@ class Router:
                                 prefix_table=old_state.prefix if same_size else None)
             remap = np.array([fleet.replica_index.get(rid, -1) for rid in old_fleet.replica_ids] + [-1], dtype=np.int32)
             kept = remap[:-1] >= 0
-            for name in ("pending", "pending_prefill_ms", "prefill_ewma_ms"):
+            for name in ("pending", "pending_prefill_ms", "prefill_until_ms", "prefill_ewma_ms"):
                 getattr(state, name)[remap[:-1][kept]] = getattr(old_state, name)[kept]
             old_regions = old_fleet.topology.regions
             for g, name in enumerate(fleet.topology.regions):
@@ -140,7 +140,9 @@ class Router:
         state, fleet = self.state, self.fleet
         with state.lock:
             home = fleet.region_index.get(decision.region or "", -1)
-            r = decision.replica_index if decision.epoch == state.epoch else -1
+            r = decision.replica_index
+            if r >= 0 and (r >= fleet.n_replicas or fleet.replica_ids[r] != decision.replica):
+                r = -1  # decided on another fleet (a membership change since): nothing of it is here
             self.kernels.release(state, _ACTION_CODE[decision.action], r, decision.epoch, home, decision.prefill_ms)
             if ok and replica is not None and replica != decision.replica and decision.action != "queue":
                 served = fleet.replica_index.get(replica)

@@ -113,12 +113,14 @@ class Fleet:
         self.default_prefill_ms_per_token = self.model_prefill_ms_per_token[of]
         self.default_tpot_base_ms = per_model("tpot_base_ms")[of]
         self.default_tpot_ms_per_batch = per_model("tpot_ms_per_batch")[of]
-        # ModelProfile.service_ms, vectorized (same operations, same order)
-        derived = (
-            self.prefill_base_ms + self.default_prefill_ms_per_token * 1155
-        ) + 211 * (self.default_tpot_base_ms + self.default_tpot_ms_per_batch * np.maximum(1, self.decode_slots // 2))
+        # ModelProfile.service_ms, vectorized (same operations, same order). A signal
+        # round that measures the prefill rate or the step time but not the service
+        # time scales it by the same formula over the measured rates (service_ms()).
+        self.service_batch = np.maximum(1, self.decode_slots // 2).astype(np.float64)
+        self.service_basis_ms = service_basis(self, self.default_prefill_ms_per_token, self.default_tpot_base_ms,
+                                              self.default_tpot_ms_per_batch)
         given = np.array([math.nan if p.mean_service_ms is None else p.mean_service_ms for p in profiles])[of]
-        self.default_service_ms = np.where(np.isnan(given), derived, given)
+        self.default_service_ms = np.where(np.isnan(given), self.service_basis_ms, given)
 
         n_models = len(self.models)
         n_groups = n_models * self.n_regions
@@ -296,6 +298,21 @@ def _flag_column(values: object, n: int, name: str, default: bool) -> np.ndarray
     return arr
 
 
+def service_basis(fleet: "Fleet", prefill_per_token, tpot_base, tpot_per_batch):
+    """ModelProfile.service_ms's formula per replica over the given rates: a prefill
+    of the mean prompt (1,155 tokens) and 211 output tokens at half the slots."""
+    return (fleet.prefill_base_ms + prefill_per_token * 1155) + 211 * (tpot_base + tpot_per_batch * fleet.service_batch)
+
+
+def service_ms(fleet: "Fleet", service, measured, prefill_per_token, tpot_base, tpot_per_batch):
+    """Mean service time (what turns queue depth into wait): measured where given,
+    else the profile's, scaled by the measured rates - a replica reporting a step
+    time three times the profile's drains its slots about three times slower. With
+    nothing measured the scale is exactly 1."""
+    scaled = fleet.default_service_ms * (service_basis(fleet, prefill_per_token, tpot_base, tpot_per_batch) / fleet.service_basis_ms)
+    return np.where(measured, service, scaled)
+
+
 def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
     """The reference derivation of a columnar update (validated vectorized, errors
     name ``field[r]``) -> ``(status, in_flight, queue_depth, kv_free_blocks,
@@ -311,7 +328,8 @@ def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
     prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
     tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
     tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
-    service, _ = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
+    service, given = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
+    service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
     healthy = _flag_column(c.healthy, n, "healthy", True)
     draining = _flag_column(c.draining, n, "draining", False)
     missing = np.isnan(observed)
@@ -382,6 +400,7 @@ class Snapshot:
         tpot_base = fleet.default_tpot_base_ms.copy()
         tpot_per_batch = fleet.default_tpot_ms_per_batch.copy()
         service = fleet.default_service_ms.copy()
+        given = np.zeros(n, dtype=bool)
         for i, s in enumerate(signals.replicas):
             where = f"replicas[{i}]"
             r = fleet.replica_index.get(s.replica)
@@ -408,8 +427,10 @@ class Snapshot:
                 tpot_per_batch[r] = 0.0
             if s.mean_service_ms is not None:
                 service[r] = _duration(s.mean_service_ms, f"{where}.mean_service_ms", positive=True)
+                given[r] = True
             healthy[r] = bool(s.healthy)
             draining[r] = bool(s.draining)
+        service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
         return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
 
     def _regions(self, regions_down, spill) -> None:

@@ -9,6 +9,12 @@
 * ``pending_prefill_ms[r]`` - the predicted prefill of those requests: work the
   engine has not started, as far as the router knows, and that a later request to
   r waits behind (its FIFO); epoch-scoped like ``pending``.
+* ``prefill_until_ms[r]`` - when the prefills this router sent to r are predicted
+  to be done, on the snapshots' clock (each starts at the later of its snapshot's
+  time and the previous one's end: r's FIFO prefill as far as this router fed it).
+  Not epoch-scoped: a long prefill sent just before a snapshot is still running
+  after it, and the engine's signals count it as running, not as waiting, so
+  only this carries its remaining time across the snapshot.
 * ``prefill_ewma_ms[r]`` - a running mean (weight 1/16) of the prefills this router
   predicted for what it sent to r (NaN before the first): what one request waiting
   in r's queue costs while r has free slots (the queue is then prefill backlog).
@@ -44,7 +50,7 @@ WAYS = 4
 PREFIX_ENTRY = np.dtype([("key", "<u8"), ("owner", "<i4", (WAYS,)), ("stamp", "<u8", (WAYS,)), ("pad", "u1", (8,))])
 assert PREFIX_ENTRY.itemsize == 64
 # Every array a RouterState holds (copy(), tests that compare two states).
-STATE_ARRAYS = ("pending", "pending_prefill_ms", "prefill_ewma_ms", "spill_pair", "spill_total", "queued", "prefix", "clock")
+STATE_ARRAYS = ("pending", "pending_prefill_ms", "prefill_until_ms", "prefill_ewma_ms", "spill_pair", "spill_total", "queued", "prefix", "clock")
 EWMA_WEIGHT = 1.0 / 16.0  # of the newest prefill in prefill_ewma_ms
 
 
@@ -62,6 +68,7 @@ class RouterState:
         self.epoch = -1
         self.pending = np.zeros(n_replicas, dtype=np.int32)
         self.pending_prefill_ms = np.zeros(n_replicas, dtype=np.float64)
+        self.prefill_until_ms = np.full(n_replicas, -np.inf, dtype=np.float64)
         self.prefill_ewma_ms = np.full(n_replicas, np.nan, dtype=np.float64)
         self.spill_pair = np.zeros(n_regions * n_regions, dtype=np.int32)
         self.spill_total = np.zeros(n_regions, dtype=np.int32)

@@ -91,6 +91,7 @@ cdef struct Row:
 
 cdef struct SnapC:
     int64_t epoch
+    double now_ms
     Row* rows
     const uint8_t* status
     const uint8_t* region_up
@@ -115,6 +116,7 @@ cdef struct PrefixEntry:
 cdef struct StateC:
     int32_t* pending
     double* pending_prefill_ms
+    double* prefill_until_ms
     double* prefill_ewma_ms
     int32_t* spill_pair
     int32_t* spill_total
@@ -230,6 +232,7 @@ cdef class SnapshotView:
                        snapshot.slot_ms, snapshot.spill_pair, snapshot.spill_total)
         cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8
         self.s.epoch = snapshot.epoch
+        self.s.now_ms = snapshot.now_ms
         self.s.status = <uint8_t*>_ptr(self.arrays[0], u8, "status")
         self.s.region_up = <uint8_t*>_ptr(self.arrays[1], u8, "region_up")
         self.s.in_flight = <int32_t*>_ptr(self.arrays[2], i32, "in_flight")
@@ -273,10 +276,11 @@ cdef class StateView:
     cdef tuple arrays
 
     def __cinit__(self, state):
-        self.arrays = (state.pending, state.pending_prefill_ms, state.prefill_ewma_ms, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
+        self.arrays = (state.pending, state.pending_prefill_ms, state.prefill_until_ms, state.prefill_ewma_ms, state.spill_pair, state.spill_total, state.queued, state.prefix, state.clock)
         cdef int i32 = cnp.NPY_INT32, u64 = cnp.NPY_UINT64
         self.st.pending = <int32_t*>_ptr(state.pending, i32, "pending")
         self.st.pending_prefill_ms = <double*>_ptr(state.pending_prefill_ms, cnp.NPY_FLOAT64, "pending_prefill_ms")
+        self.st.prefill_until_ms = <double*>_ptr(state.prefill_until_ms, cnp.NPY_FLOAT64, "prefill_until_ms")
         self.st.prefill_ewma_ms = <double*>_ptr(state.prefill_ewma_ms, cnp.NPY_FLOAT64, "prefill_ewma_ms")
         self.st.spill_pair = <int32_t*>_ptr(state.spill_pair, i32, "spill_pair")
         self.st.spill_total = <int32_t*>_ptr(state.spill_total, i32, "spill_total")
@@ -358,6 +362,9 @@ def derive_columns(fleet, double now_ms, c):
     cdef const double* batch_default = <const double*>_ptr(fleet.default_tpot_ms_per_batch, f64, "default_tpot_ms_per_batch")
     cdef const double* service_default = <const double*>_ptr(fleet.default_service_ms, f64, "default_service_ms")
     cdef const int32_t* slots = <const int32_t*>_ptr(fleet.decode_slots, i32, "decode_slots")
+    cdef const double* prefill_base = <const double*>_ptr(fleet.prefill_base_ms, f64, "prefill_base_ms")
+    cdef const double* service_batch = <const double*>_ptr(fleet.service_batch, f64, "service_batch")
+    cdef const double* service_basis = <const double*>_ptr(fleet.service_basis_ms, f64, "service_basis_ms")
     cdef double max_age = fleet.policy.signal_max_age_ms
     cdef cnp.npy_intp dims = n
     cdef tuple out = (cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0), cnp.PyArray_EMPTY(1, &dims, i32, 0),
@@ -418,7 +425,12 @@ def derive_columns(fleet, double now_ms, c):
                     o_tpot[r] = v
                     o_batch[r] = 0.0
                 v = service[r] if service != NULL else NAN
-                o_service[r] = service_default[r] if isnan(v) else v
+                if isnan(v):  # the profile's, scaled by the measured rates (snapshot.service_ms)
+                    o_service[r] = service_default[r] * (
+                        ((prefill_base[r] + o_prefill[r] * 1155) + 211 * (o_tpot[r] + o_batch[r] * service_batch[r]))
+                        / service_basis[r])
+                else:
+                    o_service[r] = v
             o_slot[r] = o_service[r] / slots[r]
     return out if ok else None
 
@@ -576,11 +588,13 @@ cdef inline bint _admitted(const ModelC* m, int r) noexcept nogil:
 
 cdef inline double _queue_ms(const ModelC* m, int r, const Row* row, int64_t extra) noexcept nogil:
     # the twin's predict(): waiting requests cost a departure each when the slots are
-    # full, else a prefill each; then the departures needed; then this router's sends
+    # full, else a prefill each, plus this router's sends since the snapshot - or, if
+    # longer, the rest of the prefills it sent (prefill_until_ms); then the departures
     cdef double ewma = m.st.prefill_ewma_ms[r]
     cdef double each = row.slot_ms if (row.in_flight >= row.decode_slots or isnan(ewma)) else ewma
-    return (<double>row.queue_depth * each + <double>extra * row.slot_ms
-            + (m.st.pending_prefill_ms[r] if m.live else 0.0))
+    cdef double behind = <double>row.queue_depth * each + (m.st.pending_prefill_ms[r] if m.live else 0.0)
+    cdef double own = m.st.prefill_until_ms[r] - m.s.now_ms
+    return (behind if behind >= own else own) + <double>extra * row.slot_ms
 
 
 cdef inline void _predict(const ModelC* m, int r, int64_t load, PickC* out) noexcept nogil:
@@ -1095,11 +1109,13 @@ cdef void _record(const FleetC* f, const SnapC* s, StateC* st, int64_t state_epo
                   int origin, const uint64_t* prefix, Py_ssize_t n_prefix, double prefill_ms) noexcept nogil:
     cdef int home = f.home[origin]
     cdef int region
-    cdef double ewma
+    cdef double ewma, until
     if action == SERVE or action == OVERFLOW or action == DEGRADE:
         _prefix_record(st, prefix, n_prefix, replica)
         ewma = st.prefill_ewma_ms[replica]
         st.prefill_ewma_ms[replica] = prefill_ms if isnan(ewma) else ewma + (prefill_ms - ewma) * (1.0 / 16.0)
+        until = st.prefill_until_ms[replica]
+        st.prefill_until_ms[replica] = (until if until > s.now_ms else s.now_ms) + prefill_ms
         if s.epoch == state_epoch:  # a late caller's stale snapshot counts nothing
             st.pending[replica] += 1
             st.pending_prefill_ms[replica] += prefill_ms
@@ -1115,6 +1131,8 @@ cdef void _release(StateC* st, int64_t state_epoch, int action, int replica, int
                    double prefill_ms) noexcept nogil:
     cdef double left
     if action == SERVE or action == OVERFLOW or action == DEGRADE:
+        if replica >= 0:  # done: its prefill is no longer ahead of anything (whatever the epoch)
+            st.prefill_until_ms[replica] = st.prefill_until_ms[replica] - prefill_ms
         if replica >= 0 and epoch == state_epoch and st.pending[replica] > 0:
             st.pending[replica] -= 1
             left = st.pending_prefill_ms[replica] - prefill_ms
@@ -1137,7 +1155,8 @@ def record(snapshot, state, int action, int replica, int origin, cnp.ndarray pre
 
 
 def release(state, int action, int replica, int64_t epoch, int home, double prefill_ms):
-    """What complete() gives back: the in-flight count (same epoch only) or the queue slot."""
+    """What complete() gives back: its prefill from prefill_until_ms, the in-flight
+    count (same epoch only) or the queue slot."""
     cdef StateView tv = _state_view(state)
     if replica >= state.n_replicas or home >= state.n_regions:
         raise IndexError("replica or region out of range")
@@ -1443,6 +1462,8 @@ cdef class Boundary:
         r = decision.replica_index
         if r >= self.n_replicas:
             return False
+        if r >= 0 and self.replica_ids[r] != decision.replica:
+            r = -1  # decided on another fleet (a membership change since): nothing of it is here
         self.release_c(action, r, decision.epoch, home, decision.prefill_ms)
         return True
 
@@ -1451,7 +1472,7 @@ cdef class Boundary:
         cdef StateView tv = _state_view(state)
         self.acquire()
         try:
-            _release(&tv.st, state.epoch, action, replica if epoch == state.epoch else -1, epoch, home, prefill_ms)
+            _release(&tv.st, state.epoch, action, replica, epoch, home, prefill_ms)
         finally:
             self.release_lock()
         return 0

@@ -226,7 +226,8 @@ class _Model:
         slot_ms = float(s.slot_ms[r])
         ewma = float(self.state.prefill_ewma_ms[r])
         each = slot_ms if (int(s.in_flight[r]) >= slots or math.isnan(ewma)) else ewma
-        queue = int(s.queue_depth[r]) * each + max(0, load + 1 - slots) * slot_ms + self.pending_prefill(r)
+        queue = max(int(s.queue_depth[r]) * each + self.pending_prefill(r), float(self.state.prefill_until_ms[r]) - s.now_ms)
+        queue += max(0, load + 1 - slots) * slot_ms
         cached = min(self.matched.get(r, 0) * req.block_tokens, req.prompt_tokens)
         prefill = float(f.prefill_base_ms[r]) + float(s.prefill_ms_per_token[r]) * (req.prompt_tokens - cached)
         decode = float(s.tpot_base_ms[r]) + float(s.tpot_ms_per_batch[r]) * min(load + 1, slots)
@@ -491,6 +492,8 @@ def record(snap, state, action: int, replica: int, origin: int, prefix, prefill_
         prefix_record(state, prefix, replica)
         ewma = float(state.prefill_ewma_ms[replica])
         state.prefill_ewma_ms[replica] = prefill_ms if math.isnan(ewma) else ewma + (prefill_ms - ewma) * EWMA_WEIGHT
+        until = float(state.prefill_until_ms[replica])
+        state.prefill_until_ms[replica] = (until if until > snap.now_ms else snap.now_ms) + prefill_ms
         if snap.epoch == state.epoch:  # a late caller's stale snapshot counts nothing
             state.pending[replica] += 1
             state.pending_prefill_ms[replica] += prefill_ms
@@ -503,9 +506,11 @@ def record(snap, state, action: int, replica: int, origin: int, prefix, prefill_
 
 
 def release(state, action: int, replica: int, epoch: int, home: int, prefill_ms: float) -> None:
-    """What complete() gives back: the in-flight count and its prefill (same epoch
-    only), or the queue slot."""
+    """What complete() gives back: its prefill from ``prefill_until_ms``, the
+    in-flight count and its prefill (same epoch only), or the queue slot."""
     if action in (SERVE, OVERFLOW, DEGRADE):
+        if replica >= 0:  # done: its prefill is no longer ahead of anything (whatever the epoch)
+            state.prefill_until_ms[replica] = float(state.prefill_until_ms[replica]) - prefill_ms
         if replica >= 0 and epoch == state.epoch and state.pending[replica] > 0:
             state.pending[replica] -= 1
             left = float(state.pending_prefill_ms[replica]) - prefill_ms
