@@ -15,7 +15,9 @@ def test_outage_every_apac_interactive_request_is_answered_within_spill_caps(rep
     g = report["outage"]["geoserve"]
     assert g["apac_interactive"] > 300
     assert g["apac_interactive_answered"] == g["apac_interactive"]  # none shed, none lost
-    assert g["rescued_within_own_cross_budget"] >= 0.98
+    assert g["rescued_within_own_cross_budget"] >= 0.99
+    for rescuer in ("us-east", "eu-west"):  # the rescuers' p99 within the SLA (each request's own budget)
+        assert g["rescuer_p99_over_own_budget_ms"][rescuer] <= 0.0
     caps = g["spill"]["caps"]
     for pair, sent in g["spill"].items():
         if pair != "caps":
@@ -42,11 +44,11 @@ def test_losing_the_biggest_region_does_not_cascade_onto_the_rescuers_users(repo
     assert g["us-east/interactive"]["degraded"] + g["us-east/batch"]["degraded"] > 0  # on purpose, reported
 
 
-def test_brownout_moves_new_traffic_away_and_beats_priority_failover(report):
+def test_brownout_halves_the_slowed_regions_share_within_10s_and_keeps_its_users_in_sla(report):
     g, e = report["brownout"]["geoserve"], report["brownout"]["envoy_priority"]
-    assert g["20-60s"]["eu_share_of_new_traffic"] <= 0.5 * g["before"]["eu_share_of_new_traffic"]
-    assert g["10-20s"]["eu_share_of_new_traffic"] < g["0-10s"]["eu_share_of_new_traffic"] < g["before"]["eu_share_of_new_traffic"]
     for window in ("0-10s", "10-20s", "20-60s"):
+        assert g[window]["eu_share_of_new_traffic"] <= 0.5 * g["before"]["eu_share_of_new_traffic"]
+        assert g[window]["eu_origin_interactive_p99_over_own_budget_ms"] <= 0.0  # p99 within the SLA
         assert g[window]["eu_origin_interactive_sla"] > e[window]["eu_origin_interactive_sla"]
 
 

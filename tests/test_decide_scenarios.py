@@ -369,3 +369,26 @@ def test_decide_is_pure(impl):
     for k in range(20):
         r.decide(req(prefix=(1, 2, 3, k + 10), session=f"x{k}"), s)
     assert before.same_as(r.state)
+
+
+def test_a_degraded_region_is_used_only_when_no_healthy_replica_will_do(impl):
+    # Envoy's degraded hosts: the US replicas report a soft failure; an idle US would
+    # meet the local budget, but a healthy EU replica within the cross-region budget
+    # takes the request first, and the US serves once nothing healthy is left
+    r = router(impl)
+    s = snapshot(r, region={"us": dict(degraded=True)})
+    assert s.replica_status("us-m-v1-0") == "degraded" and s.any_degraded
+    d = r.decide(req(), s)
+    assert (d.action, d.region) == ("overflow", "eu") and d.ttft_ms <= 1200.0
+    assert all(f.startswith("eu-") for f in d.fallbacks)
+    no_spill = snapshot(r, region={"us": dict(degraded=True)}, spill=(g.SpillAllowance(rescuer="eu", tokens=0.0),
+                                                                      g.SpillAllowance(rescuer="ap", tokens=0.0)))
+    d = r.decide(req(), no_spill)
+    assert (d.action, d.reason, d.region) == ("serve", "least_ttft", "us")
+    # one degraded replica among healthy ones at home: the healthy ones first
+    us = ids_in(r, "us")
+    d = r.decide(req(), snapshot(r, replica={us[0]: dict(degraded=True)}))
+    assert d.region == "us" and d.replica != us[0] and us[0] not in d.fallbacks
+    # degraded loses to every other status: a stale or unhealthy replica stays out
+    s = snapshot(r, replica={us[0]: dict(degraded=True, healthy=False)})
+    assert s.replica_status(us[0]) == "unhealthy"

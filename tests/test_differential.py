@@ -20,7 +20,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import geoserve as g
-from geoserve.snapshot import OK
+from geoserve.snapshot import DEGRADED, OK
 
 pytestmark = pytest.mark.usefixtures("native_available")
 
@@ -88,7 +88,7 @@ def signal_sets(draw, topology):
     sigs = []
     for d in topology.deployments:
         for rep in d.replicas:
-            kind = draw(st.sampled_from(("ok", "ok", "ok", "ok", "unhealthy", "draining", "stale", "missing")))
+            kind = draw(st.sampled_from(("ok", "ok", "ok", "ok", "unhealthy", "draining", "stale", "missing", "degraded")))
             if kind == "missing":
                 continue
             sigs.append(
@@ -97,6 +97,7 @@ def signal_sets(draw, topology):
                     observed_ms=-5000.0 if kind == "stale" else 0.0,
                     healthy=kind != "unhealthy",
                     draining=kind == "draining",
+                    degraded=kind == "degraded",
                     in_flight=draw(st.integers(0, 9)),
                     queue_depth=draw(st.sampled_from((0, 0, 1, 3))),
                     tpot_ms=draw(st.sampled_from((None, None, 30.0))),
@@ -168,7 +169,12 @@ def _check_invariants(router, snap, request, d):
         assert d.retry_after_ms is not None and d.retry_after_ms >= router.policy.min_retry_after_ms
         return
     i = f.replica_index[d.replica]
-    assert snap.status[i] == OK, "never an unhealthy, draining, stale or unsignalled replica"
+    assert snap.status[i] in (OK, DEGRADED), "never an unhealthy, draining, stale or unsignalled replica"
+    degraded = tuple(rid for k, rid in enumerate(f.replica_ids) if snap.status[k] == DEGRADED)
+    if snap.status[i] == DEGRADED and d.action in ("serve", "overflow") and len(degraded) <= 16:
+        # a degraded replica only when no healthy one would serve or take the overflow
+        alt = router.decide(msgspec.structs.replace(request, exclude=request.exclude + degraded), snap)
+        assert alt.action not in ("serve", "overflow"), "a degraded replica while a healthy one would do"
     assert snap.region_up[f.replica_region[i]], "never a dead region"
     assert d.replica not in request.exclude, "never an excluded replica"
     assert d.replica not in d.fallbacks and not set(d.fallbacks) & set(request.exclude)

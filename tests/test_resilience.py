@@ -231,3 +231,19 @@ def test_a_canary_waits_for_enough_evidence():
     for _ in range(5):
         rollout.observe("ap", "v8", True, 100.0)
     assert rollout.tick(5000.0) is None and rollout.state == RUNNING
+
+
+def test_soft_failure_marks_a_slow_replica_degraded_with_hysteresis():
+    from geoserve.resilience import SlowPolicy, SoftFailure
+
+    slow = SoftFailure(["a", "b"], SlowPolicy(ratio=2.0, fail_threshold=2, recover_threshold=3))
+    assert slow.observe("a", 90.0, 30.0, 0.0) is False  # one slow round is not enough
+    assert slow.observe("a", 90.0, 30.0, 100.0) is True  # two in a row: degraded
+    assert slow.observe("a", float("nan"), 30.0, 200.0) is True  # no measurement: unchanged
+    assert slow.observe("a", 31.0, 30.0, 300.0) is True
+    assert slow.observe("a", 31.0, 30.0, 400.0) is True
+    assert slow.observe("a", 31.0, 30.0, 500.0) is False  # three good rounds: healthy again
+    assert slow.observe("b", 59.0, 30.0, 0.0) is False and slow.observe("b", 59.0, 30.0, 100.0) is False  # under 2x
+    assert slow.degraded() == ()
+    with pytest.raises(ValueError):
+        SlowPolicy(ratio=1.0)

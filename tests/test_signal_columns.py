@@ -20,6 +20,7 @@ def test_columns_and_structs_give_identical_snapshots():
     observed = rng.choice([0.0, -5000.0, math.nan], n, p=[0.7, 0.15, 0.15])
     healthy = rng.random(n) > 0.2
     draining = rng.random(n) > 0.8
+    degraded = rng.random(n) > 0.7
     in_flight = rng.integers(0, 9, n)
     queue = rng.integers(0, 3, n)
     tpot = np.where(rng.random(n) > 0.5, 31.0, math.nan)
@@ -29,7 +30,7 @@ def test_columns_and_structs_give_identical_snapshots():
         replicas=tuple(
             g.ReplicaSignal(
                 replica=ids[i], observed_ms=float(observed[i]), healthy=bool(healthy[i]), draining=bool(draining[i]),
-                in_flight=int(in_flight[i]), queue_depth=int(queue[i]),
+                degraded=bool(degraded[i]), in_flight=int(in_flight[i]), queue_depth=int(queue[i]),
                 tpot_ms=None if math.isnan(tpot[i]) else float(tpot[i]),
                 mean_service_ms=None if math.isnan(service[i]) else float(service[i]),
             )
@@ -41,7 +42,7 @@ def test_columns_and_structs_give_identical_snapshots():
     )
     columns = g.SignalColumns(
         now_ms=0.0, observed_ms=observed, in_flight=in_flight, queue_depth=queue, healthy=healthy,
-        draining=draining, tpot_ms=tpot, mean_service_ms=service, regions_down=("eu",),
+        draining=draining, degraded=degraded, tpot_ms=tpot, mean_service_ms=service, regions_down=("eu",),
         spill=(g.SpillAllowance(rescuer="us", tokens=3.0),),
     )
     a, b = r.snapshot(structs), r.snapshot(columns)

@@ -33,8 +33,8 @@ from .types import Policy, SignalColumns, Signals, Topology
 __all__ = ["Fleet", "Snapshot", "STATUS_NAMES", "derive_columns"]
 
 # Replica status codes (the kernels test ``status == OK``).
-OK, UNHEALTHY, DRAINING, STALE, NO_SIGNAL = 0, 1, 2, 3, 4
-STATUS_NAMES = ("ok", "unhealthy", "draining", "stale", "no_signal")
+OK, UNHEALTHY, DRAINING, STALE, NO_SIGNAL, DEGRADED = 0, 1, 2, 3, 4, 5
+STATUS_NAMES = ("ok", "unhealthy", "draining", "stale", "no_signal", "degraded")
 
 
 class Fleet:
@@ -332,6 +332,7 @@ def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
     service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
     healthy = _flag_column(c.healthy, n, "healthy", True)
     draining = _flag_column(c.draining, n, "draining", False)
+    degraded = _flag_column(c.degraded, n, "degraded", False)
     missing = np.isnan(observed)
     if missing.any():  # no signal, nothing known: as if the struct were absent
         in_flight, queue_depth = np.where(missing, 0, in_flight).astype(np.int32), np.where(missing, 0, queue_depth).astype(np.int32)
@@ -341,15 +342,17 @@ def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
         tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
         service = np.where(missing, fleet.default_service_ms, service)
         healthy, draining = healthy | missing, draining & ~missing
-    return _finish(fleet, now_ms, observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token,
-                   tpot_base, tpot_per_batch, service)
+    return _finish(fleet, now_ms, observed, healthy, draining, degraded, in_flight, queue_depth, kv_free,
+                   prefill_per_token, tpot_base, tpot_per_batch, service)
 
 
-def _finish(fleet: Fleet, now_ms: float, observed, healthy, draining, in_flight, queue_depth, kv_free,
+def _finish(fleet: Fleet, now_ms: float, observed, healthy, draining, degraded, in_flight, queue_depth, kv_free,
             prefill_per_token, tpot_base, tpot_per_batch, service) -> tuple:
-    """Status codes (later rules win: stale < draining < unhealthy < no signal) and
-    the ms between two departures from a full replica (turns queue depth into wait)."""
+    """Status codes (later rules win: degraded < stale < draining < unhealthy < no
+    signal) and the ms between two departures from a full replica (turns queue
+    depth into wait)."""
     status = np.full(len(observed), OK, dtype=np.uint8)
+    status[degraded] = DEGRADED
     status[now_ms - observed > fleet.policy.signal_max_age_ms] = STALE
     status[draining] = DRAINING
     status[~healthy] = UNHEALTHY
@@ -384,6 +387,8 @@ class Snapshot:
             derived = _finish(fleet, self.now_ms, *self._from_structs(signals))
         (self.status, self.in_flight, self.queue_depth, self.kv_free_blocks, self.prefill_ms_per_token,
          self.tpot_base_ms, self.tpot_ms_per_batch, self.service_ms, self.slot_ms) = derived
+        # any replica in soft failure: decisions then look at the healthy ones first
+        self.any_degraded = bool((self.status == DEGRADED).any())
         self._regions(signals.regions_down, signals.spill)
         self._native: object = None  # the kernel's pointer view, built on first use
 
@@ -393,6 +398,7 @@ class Snapshot:
         observed = np.full(n, math.nan)
         healthy = np.ones(n, dtype=bool)
         draining = np.zeros(n, dtype=bool)
+        degraded = np.zeros(n, dtype=bool)
         in_flight = np.zeros(n, dtype=np.int32)
         queue_depth = np.zeros(n, dtype=np.int32)
         kv_free = fleet.kv_blocks.copy()
@@ -430,8 +436,10 @@ class Snapshot:
                 given[r] = True
             healthy[r] = bool(s.healthy)
             draining[r] = bool(s.draining)
+            degraded[r] = bool(s.degraded)
         service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
-        return observed, healthy, draining, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service
+        return (observed, healthy, draining, degraded, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base,
+                tpot_per_batch, service)
 
     def _regions(self, regions_down, spill) -> None:
         fleet = self.fleet
@@ -470,5 +478,5 @@ class Snapshot:
         self.spill_total = spill_total
 
     def replica_status(self, replica: str) -> str:
-        """``ok``, ``unhealthy``, ``draining``, ``stale`` or ``no_signal``."""
+        """``ok``, ``degraded``, ``unhealthy``, ``draining``, ``stale`` or ``no_signal``."""
         return STATUS_NAMES[self.status[self.fleet.replica_index[replica]]]

@@ -188,6 +188,7 @@ class ReplicaSignal(_Strict):
     observed_ms: float
     healthy: bool = True
     draining: bool = False
+    degraded: bool = False  # soft failure (Envoy's degraded host): used only when no healthy replica will do
     queue_depth: int = 0
     in_flight: int = 0
     kv_free_blocks: Optional[int] = None
@@ -218,7 +219,7 @@ class SignalColumns(msgspec.Struct, frozen=True):
 
     The fast way to feed a large fleet (a poller that keeps arrays). ``observed_ms``
     NaN means no signal for that replica; NaN in an override column keeps the
-    profile's value; ``None`` columns take their defaults (healthy, not draining,
+    profile's value; ``None`` columns take their defaults (healthy, not draining, not degraded,
     the deployment's KV blocks, the profile).
     """
 
@@ -228,6 +229,7 @@ class SignalColumns(msgspec.Struct, frozen=True):
     queue_depth: Any
     healthy: Any = None
     draining: Any = None
+    degraded: Any = None
     kv_free_blocks: Any = None
     prefill_ms_per_token: Any = None
     tpot_ms: Any = None

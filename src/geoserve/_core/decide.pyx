@@ -86,12 +86,14 @@ cdef struct Row:
     int32_t decode_slots
     int32_t region
     int32_t version
-    uint8_t usable  # status ok and region up
+    uint8_t usable  # status ok or degraded, and region up
+    uint8_t degraded  # soft failure: a candidate only when no healthy replica will do
 
 
 cdef struct SnapC:
     int64_t epoch
     double now_ms
+    bint any_degraded
     Row* rows
     const uint8_t* status
     const uint8_t* region_up
@@ -137,6 +139,7 @@ cdef struct ModelC:
     int first
     int last
     bint live
+    bint healthy_only  # the first pass when some replica is degraded (_choose)
     # Replicas with leading prefix blocks in the index, and how many: only owners of
     # block 0 can have any, so there are at most WAYS (a twin's dict, as an array).
     int n_match
@@ -233,6 +236,7 @@ cdef class SnapshotView:
         cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8
         self.s.epoch = snapshot.epoch
         self.s.now_ms = snapshot.now_ms
+        self.s.any_degraded = snapshot.any_degraded
         self.s.status = <uint8_t*>_ptr(self.arrays[0], u8, "status")
         self.s.region_up = <uint8_t*>_ptr(self.arrays[1], u8, "region_up")
         self.s.in_flight = <int32_t*>_ptr(self.arrays[2], i32, "in_flight")
@@ -263,7 +267,8 @@ cdef class SnapshotView:
             row.decode_slots = self.f.decode_slots[r]
             row.region = self.f.replica_region[r]
             row.version = self.f.replica_version[r]
-            row.usable = self.s.status[r] == 0 and self.s.region_up[row.region] != 0
+            row.usable = (self.s.status[r] == 0 or self.s.status[r] == 5) and self.s.region_up[row.region] != 0
+            row.degraded = self.s.status[r] == 5
         return 0
 
     def __dealloc__(self):
@@ -340,11 +345,12 @@ def derive_columns(fleet, double now_ms, c):
     queue_a = _col(c.queue_depth, n, i32)
     if observed_a is None or in_flight_a is None or queue_a is None:
         return None
-    cdef list given = [c.healthy, c.draining, c.kv_free_blocks, c.prefill_ms_per_token, c.tpot_ms, c.mean_service_ms]
+    cdef list given = [c.healthy, c.draining, c.degraded, c.kv_free_blocks, c.prefill_ms_per_token, c.tpot_ms,
+                       c.mean_service_ms]
     cdef int k
-    for k in range(6):
+    for k in range(7):
         if given[k] is not None:
-            given[k] = _col(given[k], n, b1 if k < 2 else (i32 if k == 2 else f64))
+            given[k] = _col(given[k], n, b1 if k < 3 else (i32 if k == 3 else f64))
             if given[k] is None:
                 return None
     cdef const double* observed = <const double*>cnp.PyArray_DATA(observed_a)
@@ -352,10 +358,11 @@ def derive_columns(fleet, double now_ms, c):
     cdef const int32_t* queue = <const int32_t*>cnp.PyArray_DATA(queue_a)
     cdef const uint8_t* healthy = NULL if given[0] is None else <const uint8_t*>cnp.PyArray_DATA(given[0])
     cdef const uint8_t* draining = NULL if given[1] is None else <const uint8_t*>cnp.PyArray_DATA(given[1])
-    cdef const int32_t* kv = NULL if given[2] is None else <const int32_t*>cnp.PyArray_DATA(given[2])
-    cdef const double* prefill = NULL if given[3] is None else <const double*>cnp.PyArray_DATA(given[3])
-    cdef const double* tpot = NULL if given[4] is None else <const double*>cnp.PyArray_DATA(given[4])
-    cdef const double* service = NULL if given[5] is None else <const double*>cnp.PyArray_DATA(given[5])
+    cdef const uint8_t* degraded = NULL if given[2] is None else <const uint8_t*>cnp.PyArray_DATA(given[2])
+    cdef const int32_t* kv = NULL if given[3] is None else <const int32_t*>cnp.PyArray_DATA(given[3])
+    cdef const double* prefill = NULL if given[4] is None else <const double*>cnp.PyArray_DATA(given[4])
+    cdef const double* tpot = NULL if given[5] is None else <const double*>cnp.PyArray_DATA(given[5])
+    cdef const double* service = NULL if given[6] is None else <const double*>cnp.PyArray_DATA(given[6])
     cdef const int32_t* kv_default = <const int32_t*>_ptr(fleet.kv_blocks, i32, "kv_blocks")
     cdef const double* prefill_default = <const double*>_ptr(fleet.default_prefill_ms_per_token, f64, "default_prefill_ms_per_token")
     cdef const double* tpot_default = <const double*>_ptr(fleet.default_tpot_base_ms, f64, "default_tpot_base_ms")
@@ -410,6 +417,8 @@ def derive_columns(fleet, double now_ms, c):
                     o_status[r] = 2  # DRAINING
                 elif now_ms - seen > max_age:
                     o_status[r] = 3  # STALE
+                elif degraded != NULL and degraded[r]:
+                    o_status[r] = 5  # DEGRADED
                 else:
                     o_status[r] = 0  # OK
                 o_in_flight[r] = in_flight[r]
@@ -572,7 +581,7 @@ cdef inline int64_t _load(const ModelC* m, int r) noexcept nogil:
 cdef inline bint _candidate(const ModelC* m, int r) noexcept nogil:
     cdef Py_ssize_t i
     cdef const Row* row = &m.s.rows[r]
-    if not row.usable:
+    if not row.usable or (m.healthy_only and row.degraded):
         return False
     if m.version >= 0 and row.version != m.version:
         return False
@@ -690,6 +699,7 @@ cdef void _model_open(ModelC* m, const FleetC* f, const SnapC* s, const StateC* 
     m.first = f.model_start[model]
     m.last = f.model_start[model + 1]
     m.live = state_epoch == s.epoch
+    m.healthy_only = False
     _prefix_match(m)
 
 
@@ -797,6 +807,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
     cdef const int32_t* exclude = m.req.exclude
     cdef Py_ssize_t n_exclude = m.req.n_exclude
     cdef bint live = m.live
+    cdef bint healthy_only = m.healthy_only
     cdef int version = m.version
     cdef int first = m.first
     cdef double ceiling = m.req.ceiling
@@ -824,7 +835,7 @@ cdef void _scan_home(const ModelC* m, GroupC* group, double b_cross, PickC* pick
         load_sum += load
         slot_sum += slots
         n_ok += 1
-        if version >= 0 and row.version != version:
+        if (version >= 0 and row.version != version) or (healthy_only and row.degraded):
             continue
         excluded = False
         for i in range(n_exclude):
@@ -897,7 +908,17 @@ cdef bint _accepts_spill(const ModelC* m, const GroupC* group) noexcept nogil:
     return pair >= m.req.spill_need and total >= m.req.spill_need
 
 
-cdef void _choose(const ModelC* m, double b_local, double b_cross, PickC* pick) noexcept nogil:
+cdef void _choose(ModelC* m, double b_local, double b_cross, PickC* pick) noexcept nogil:
+    # Envoy's degraded hosts: replicas in soft failure are candidates only when no
+    # healthy one will do (a second pass over all of them; the twin's choose())
+    m.healthy_only = m.s.any_degraded
+    _choose_pass(m, b_local, b_cross, pick)
+    if pick.replica < 0 and m.healthy_only:
+        m.healthy_only = False
+        _choose_pass(m, b_local, b_cross, pick)
+
+
+cdef void _choose_pass(const ModelC* m, double b_local, double b_cross, PickC* pick) noexcept nogil:
     cdef const FleetC* f = m.f
     cdef const ReqC* req = m.req
     cdef GroupC home, group, target

@@ -52,6 +52,7 @@ from ..state import EWMA_WEIGHT, PROBE, WAYS
 
 INF = math.inf
 _OK = 0
+_DEGRADED = 5  # snapshot.DEGRADED: usable, but only when no healthy replica will do
 
 
 # ---------------------------------------------------------------- prefix index
@@ -186,6 +187,7 @@ class _Model:
         self.first = int(f.model_start[model])
         self.last = int(f.model_start[model + 1])
         self.live = state.epoch == snap.epoch
+        self.healthy_only = False
         self.matched = prefix_match(state, req.prefix, self.first, self.last)
 
     def group_range(self, region: int) -> tuple[int, int]:
@@ -203,7 +205,8 @@ class _Model:
 
     def candidate(self, r: int) -> bool:
         s, f = self.snap, self.f
-        if s.status[r] != _OK or not s.region_up[f.replica_region[r]]:
+        status = s.status[r]
+        if not (status == _OK or (status == _DEGRADED and not self.healthy_only)) or not s.region_up[f.replica_region[r]]:
             return False
         if self.version >= 0 and f.replica_version[r] != self.version:
             return False
@@ -274,13 +277,13 @@ class _Model:
         return -1
 
     def scan_load(self, group: _Group) -> None:
-        """The group's load over its usable replicas (status ok, region up)."""
+        """The group's load over its usable replicas (status ok or degraded, region up)."""
         s, f = self.snap, self.f
         if not s.region_up[group.region]:
             return
         lo, hi = self.group_range(group.region)
         for r in range(lo, hi):
-            if s.status[r] == _OK:
+            if s.status[r] == _OK or s.status[r] == _DEGRADED:
                 group.load_sum += self.load(r)
                 group.slot_sum += int(f.decode_slots[r])
                 group.n_ok += 1
@@ -335,6 +338,16 @@ class _Model:
         return pair >= need and total >= need
 
     def choose(self, b_local: float, b_cross: float) -> _Pick:
+        """Envoy's degraded hosts: replicas in soft failure are candidates only when
+        no healthy one will do (a second pass over all of them)."""
+        self.healthy_only = self.snap.any_degraded
+        pick = self._choose(b_local, b_cross)
+        if pick.replica < 0 and self.healthy_only:
+            self.healthy_only = False
+            pick = self._choose(b_local, b_cross)
+        return pick
+
+    def _choose(self, b_local: float, b_cross: float) -> _Pick:
         f, req = self.f, self.req
         pick = _Pick()
         home = _Group(req.home)

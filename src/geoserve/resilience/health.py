@@ -12,6 +12,12 @@ A region is down when its own probe machine says so (e.g. a canary against the
 regional gateway) or when none of its replicas is up; it is skipped from the next
 snapshot on, not after a DNS TTL.
 
+A replica can also fail softly - a brownout: it answers, three times slower. Its
+engine's measured step time against the profile's at the same batch feeds a
+second machine with the same hysteresis (``SoftFailure``); a replica it holds
+slow is reported *degraded*, which the router treats as Envoy treats a degraded
+host: used only when no healthy replica will do (docs/api.md step 1).
+
 Time is a parameter (``now_ms``) of every call: the gateway ticks the machines with
 its clock, tests with theirs.
 """
@@ -24,7 +30,7 @@ import msgspec
 
 from ..types import Signals
 
-__all__ = ["HealthPolicy", "Hysteresis", "FleetHealth"]
+__all__ = ["HealthPolicy", "Hysteresis", "FleetHealth", "SlowPolicy", "SoftFailure"]
 
 
 class HealthPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,3 +121,39 @@ class FleetHealth:
         down = tuple(dict.fromkeys(signals.regions_down + self.regions_down()))
         return msgspec.structs.replace(signals, replicas=replicas, regions_down=down)
 
+
+
+class SlowPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A replica whose measured step time is at least ``ratio`` times its profile's
+    (at the same batch) ``fail_threshold`` signal rounds in a row is degraded, until
+    ``recover_threshold`` rounds in a row below it."""
+
+    ratio: float = 2.0
+    fail_threshold: int = 2
+    recover_threshold: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.ratio > 1.0:
+            raise ValueError("ratio must be > 1")
+        if self.fail_threshold < 1 or self.recover_threshold < 1:
+            raise ValueError("thresholds must be >= 1")
+
+
+class SoftFailure:
+    """Per replica: degraded or not, from measured against expected step times."""
+
+    def __init__(self, replicas: Iterable[str], policy: SlowPolicy = SlowPolicy()) -> None:
+        self.policy = policy
+        machine = HealthPolicy(fail_threshold=policy.fail_threshold, recover_threshold=policy.recover_threshold)
+        self.replicas = {rid: Hysteresis(machine) for rid in replicas}
+
+    def observe(self, replica: str, step_ms: float, expected_ms: float, now_ms: float) -> bool:
+        """One round's measured step time (NaN: none this round, the state stays);
+        True while the replica is degraded."""
+        m = self.replicas[replica]
+        if step_ms != step_ms or not expected_ms > 0.0:
+            return not m.up
+        return not m.record(step_ms < self.policy.ratio * expected_ms, now_ms)
+
+    def degraded(self) -> tuple[str, ...]:
+        return tuple(rid for rid, m in self.replicas.items() if not m.up)

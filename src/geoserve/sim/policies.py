@@ -261,11 +261,12 @@ class _Guard:
     is a liveness probe per replica (health with hysteresis), each request result
     feeds outlier ejection, each overflow spends spill tokens, and a canary rollout
     pins sessions to a version and drains the new one outside its regions; all of it
-    folded into the next snapshot's columns (``healthy``, ``draining``, ``spill``)
+    folded into the next snapshot's columns (``healthy``, ``draining``, ``degraded``,
+    ``spill``)
     or carried by the request (its version pin), none of it in the kernel."""
 
     def __init__(self, sim) -> None:
-        from ..resilience import CanaryPlan, FleetHealth, OutlierDetector, RetryBudget, Rollout, SpillBudget
+        from ..resilience import CanaryPlan, FleetHealth, OutlierDetector, RetryBudget, Rollout, SoftFailure, SpillBudget
 
         scenario = sim.scenario
         spec = scenario.resilience
@@ -274,12 +275,16 @@ class _Guard:
         self.ids = list(fleet.replica_ids)
         self.home_region = {loc: topology.regions[int(g)] for loc, g in zip(fleet.locations, fleet.home)}
         self.spilled: list = []  # (time ms, origin region, rescuer) of every overflow sent
-        self.health = self.outliers = self.spill = self.retries = None
+        self.health = self.outliers = self.spill = self.retries = self.slow = None
+        # the profile's step time per replica at a batch: base + per_batch x batch
+        self.step_base, self.step_per_batch = fleet.default_tpot_base_ms, fleet.default_tpot_ms_per_batch
         self.retrying: set = set()  # requests whose current attempt is a retry
         if spec is not None:
             self.retries = RetryBudget(spec.retry_budget_share, spec.retry_min_concurrency)
             self.health = FleetHealth.for_topology(topology, spec.health)
             self.outliers = OutlierDetector.for_topology(topology, spec.ejection)
+            if spec.slow is not None:
+                self.slow = SoftFailure(self.ids, spec.slow)
             caps = spec.spill
             if caps is not None:
                 self.spill = SpillBudget(topology.regions, pair_rate_per_s=caps.pair_rate_per_s,
@@ -304,6 +309,10 @@ class _Guard:
             ejected = self.outliers.excluded(now, up)
             changes["healthy"] = np.array([up[rid] and rid not in ejected for rid in self.ids], dtype=bool)
             changes["regions_down"] = self.health.regions_down()
+        if self.slow is not None and columns.tpot_ms is not None:
+            expected = self.step_base + self.step_per_batch * np.maximum(1, np.asarray(columns.in_flight))
+            changes["degraded"] = np.array([self.slow.observe(rid, step, want, now) for rid, step, want in zip(
+                self.ids, np.asarray(columns.tpot_ms).tolist(), expected.tolist())], dtype=bool)
         if self.spill is not None:
             changes["spill"] = self.spill.allowances(now)
         if self.rollout is not None:

@@ -25,7 +25,7 @@ import msgspec
 
 from ..config import load_toml_file
 from ..errors import ConfigError
-from ..resilience import EjectionPolicy, HealthPolicy
+from ..resilience import EjectionPolicy, HealthPolicy, SlowPolicy
 
 __all__ = ["Scenario", "FleetSpec", "DemandSpec", "Fault", "ResilienceSpec", "SpillCaps", "CanarySpec", "default_scenario", "load_scenario"]
 
@@ -88,6 +88,8 @@ class ResilienceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # negatives (a dead replica never answers), so waiting for three only sends
     # requests into a dead region; coming back still takes two good rounds.
     health: HealthPolicy = HealthPolicy(fail_threshold=1, recover_threshold=2)
+    # soft failure from the engines' measured step times (needs engine_timings)
+    slow: Optional[SlowPolicy] = SlowPolicy()
     ejection: EjectionPolicy = EjectionPolicy()
     spill: Optional[SpillCaps] = SpillCaps()
     retry_budget_share: float = 0.2  # Envoy's retry budget: retries in flight <= 20 % of requests in flight
