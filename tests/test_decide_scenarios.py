@@ -392,3 +392,18 @@ def test_a_degraded_region_is_used_only_when_no_healthy_replica_will_do(impl):
     # degraded loses to every other status: a stale or unhealthy replica stays out
     s = snapshot(r, replica={us[0]: dict(degraded=True, healthy=False)})
     assert s.replica_status(us[0]) == "unhealthy"
+
+
+def test_a_degrade_shortens_the_answer_when_the_class_says_so(impl):
+    deps = [deployment(m, "v1", reg, 2) for m in ("big", "small") for reg in ("us", "eu", "ap")]
+    small = g.ModelProfile(prefill_base_ms=3.5, prefill_ms_per_token=0.049, tpot_base_ms=13.0, tpot_ms_per_batch=0.16)
+    classes = {"interactive": g.PriorityClass(800.0, 1200.0, 1.0, degrade_max_tokens=128)}
+    r = router(impl, topology(deps, fallbacks={"big": "small"}, models={"small": small}, priorities=classes))
+    big = [x for x in r.fleet.replica_ids if "-big-" in x]
+    busy = snapshot(r, replica={x: dict(in_flight=8, queue_depth=10) for x in big})
+    d = r.decide(req(model="big", max_tokens=512), busy)
+    assert (d.action, d.model, d.max_tokens) == ("degrade", "small", 128)
+    assert r.decide(req(model="big", max_tokens=100), busy).max_tokens is None  # already shorter
+    assert r.decide(req(model="big", max_tokens=512), snapshot(r)).max_tokens is None  # served: as asked
+    with pytest.raises(g.ConfigError, match="degrade_max_tokens"):
+        router(impl, topology(deps, priorities={"interactive": g.PriorityClass(800.0, 1200.0, 1.0, degrade_max_tokens=0)}))

@@ -19,15 +19,16 @@ from geoserve.integrations.envoy import DESTINATION_HEADER, EndpointPicker  # no
 MODES = pm.ProcessingMode
 
 
-def picker(fallback: bool = False) -> EndpointPicker:
+def picker(fallback: bool = False, degrade_max_tokens=None) -> EndpointPicker:
     def dep(model, region, ids, slots=8):
         return g.Deployment(model=model, version="v1", region=region, decode_slots=slots,
                             replicas=tuple(g.ReplicaSpec(id=i, endpoint=f"10.0.{int(model == 'small')}.{k + 1}:8000")
                                            for k, i in enumerate(ids)))
 
     deployments = [dep("big", "us", ("b0", "b1"))] + ([dep("small", "us", ("s0",))] if fallback else [])
+    classes = {"interactive": g.PriorityClass(800.0, 1200.0, 1.0, degrade_max_tokens=degrade_max_tokens)}
     router = g.Router(g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=tuple(deployments),
-                                 fallbacks={"big": "small"} if fallback else {}))
+                                 fallbacks={"big": "small"} if fallback else {}, priorities=classes))
     p = EndpointPicker(router, region="us")
     n = router.fleet.n_replicas
     busy = np.array([8 if rid.startswith("b") and fallback else 0 for rid in router.fleet.replica_ids], np.int32)
@@ -113,6 +114,31 @@ def test_degrade_rewrites_the_model_and_content_length():
         assert set_headers["content-length"] == str(len(new_body))
         assert destination(s.answers[0]) == "10.0.1.1:8000"
         assert s.answers[2].request_body.response.body_mutation.clear_body  # the second chunk's bytes moved to the first
+        await s.queue.put(None)
+        await s.task
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("tail, keys", [(b', "max_tokens": 500}', ("max_tokens",)),
+                                        (b', "max_completion_tokens": 500, "max_tokens": 400}',
+                                         ("max_completion_tokens", "max_tokens")),
+                                        (b"}", ("max_tokens",))])
+def test_a_degrade_that_shortens_the_answer_sets_the_limit_even_after_the_prompt(tail, keys):
+    async def run():
+        p = picker(fallback=True, degrade_max_tokens=64)
+        head = json.dumps({"model": "big", "prompt": "y" * 6000}).encode()[:-1]  # the limit, if any, after the prompt
+        body = head + tail
+        s = Stream(p)
+        await s.send(headers([("content-length", str(len(body)))]))
+        assert await s.send(chunk(body[:5000], False)) == []  # decided (16 blocks): held for the limit
+        assert await s.send(chunk(body[5000:], True)) == ["request_headers", "request_body", "request_body"]
+        set_headers = {h.header.key: h.header.raw_value.decode()
+                       for h in s.answers[0].request_headers.response.header_mutation.set_headers}
+        new_body = s.answers[1].request_body.response.body_mutation.body
+        sent = json.loads(new_body)
+        assert sent["model"] == "small" and all(sent[k] == 64 for k in keys)
+        assert set_headers["content-length"] == str(len(new_body))
         await s.queue.put(None)
         await s.task
 

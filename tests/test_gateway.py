@@ -272,3 +272,20 @@ def test_inference_canaries_take_down_a_replica_whose_health_check_passes(stack)
     finally:
         loop.run(gw.stop())
         loop.run(wrong.stop())
+
+
+def test_the_engine_body_carries_the_deployments_model_and_a_degrades_shorter_limit():
+    from geoserve.integrations.common import engine_body
+
+    def decision(model, max_tokens=None):
+        return g.Decision(action="degrade", reason="fallback_model", request=g.Request(model="chat", origin="us"),
+                          model=model, max_tokens=max_tokens)
+
+    body = {"model": "llama-70b", "prompt": "hi", "max_tokens": 500}
+    assert engine_body(body, decision("llama-70b")) is None  # nothing to change: forwarded as sent
+    assert engine_body(body, decision("llama-8b")) == dict(body, model="llama-8b")
+    assert engine_body(body, decision("llama-8b", 64)) == dict(body, model="llama-8b", max_tokens=64)
+    chat = {"model": "chat", "messages": [], "max_completion_tokens": 500}
+    assert engine_body(chat, decision("llama-8b", 64)) == dict(chat, model="llama-8b", max_completion_tokens=64)
+    bare = {"model": "chat", "prompt": "hi"}
+    assert engine_body(bare, decision("llama-8b", 64)) == dict(bare, model="llama-8b", max_tokens=64)

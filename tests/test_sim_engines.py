@@ -35,6 +35,11 @@ CASES = {
                                                   rescuer_burst=4.0))),
     "overload": msgspec.structs.replace(scenario(faults=(), windows={}),
                                         demand=msgspec.structs.replace(default_scenario().demand, mean_rate=160.0)),
+    # too few 70B replicas: the router degrades to the 8B, shortening the answers of two classes
+    "degrade": msgspec.structs.replace(
+        scenario(faults=(), windows={}, degrade_max_tokens={"batch": 32, "interactive": 96}),
+        fleet=msgspec.structs.replace(default_scenario().fleet, replicas=(3, 2, 1)),
+        demand=msgspec.structs.replace(default_scenario().demand, mean_rate=90.0)),
 }
 
 
@@ -79,3 +84,12 @@ def test_geoserve_without_a_guard_is_routed_through_the_routers_c_entry_points(m
     guarded = Simulation(CASES["resilience"], "geoserve", engine="native")
     guarded.run()
     assert calls["route"] >= len(guarded.requests) and calls["complete"] > 0
+
+
+def test_a_degrade_with_a_class_cap_decodes_the_shorter_answer():
+    sim = Simulation(CASES["degrade"], "geoserve", engine="native")
+    sim.run()
+    capped = [q for q in sim.requests if q.output_cap]
+    assert capped and all(q.outcome == "degraded" and q.output_cap < q.output_tokens for q in capped)
+    assert {q.priority for q in capped} <= {"batch", "interactive"}
+    assert all(q.output_cap == (32 if q.priority == "batch" else 96) for q in capped)

@@ -191,6 +191,9 @@ def validate_topology(t: Topology) -> None:
         if not (0.0 < pc.slot_ceiling <= 1.0):
             raise ConfigError(f"{where}.slot_ceiling", f"must be in (0, 1], got {pc.slot_ceiling!r}")
         _finite_nonneg(pc.spill_reserve, f"{where}.spill_reserve")
+        cap = pc.degrade_max_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"{where}.degrade_max_tokens", f"must be an integer >= 1 or absent, got {cap!r}")
 
 
 # The seed's fleet (docs/api.md, "Defaults"): 600 / 300 / 150 H100s in the US, EU and

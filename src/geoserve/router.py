@@ -227,9 +227,9 @@ class Router:
             snapshot, state, model, version, origin, priority, prompt_tokens,
             ring_key, has_key, prefix, block_tokens, exclude, float(waited),
         )
-        return self._decision(request, snapshot, out, origin), (prefix, origin)
+        return self._decision(request, snapshot, out, origin, priority), (prefix, origin)
 
-    def _decision(self, request: Request, snapshot: Snapshot, out: tuple, origin: int) -> Decision:
+    def _decision(self, request: Request, snapshot: Snapshot, out: tuple, origin: int, priority: int) -> Decision:
         (action, reason, model, r, fallbacks, network, queue, prefill, decode, ttft, budget, cached, retry) = out
         f = self.fleet
         regions = f.topology.regions
@@ -262,7 +262,13 @@ class Router:
             retry_after_ms=None if retry < 0 else retry,
             epoch=snapshot.epoch,
             replica_index=r if action != QUEUE else -1,
+            max_tokens=_shortened(action, int(f.class_degrade_max_tokens[priority]), request.max_tokens),
         )
+
+
+def _shortened(action: int, cap: int, asked: int) -> Optional[int]:
+    """The output limit a degrade applies (the class's cap, when shorter), else None."""
+    return cap if action == DEGRADE and 0 < cap < asked else None
 
 
 def _count(value: object, field: str) -> int:

@@ -156,6 +156,8 @@ class Fleet:
         self.class_cross_budget_ms = np.array([c.cross_budget_ms for c in classes.values()], dtype=np.float64)
         self.class_slot_ceiling = np.array([c.slot_ceiling for c in classes.values()], dtype=np.float64)
         self.class_spill_reserve = np.array([c.spill_reserve for c in classes.values()], dtype=np.float64)
+        # output cap on a degrade, per class (0: none)
+        self.class_degrade_max_tokens = np.array([c.degrade_max_tokens or 0 for c in classes.values()], dtype=np.int64)
 
         self._build_rings()
 

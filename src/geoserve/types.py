@@ -94,7 +94,10 @@ class PriorityClass(_Strict):
     ``slot_ceiling``; lower ceilings make a class yield first. A class overflows to
     another region only while the spill allowance left (per pair and per rescuer)
     exceeds ``spill_reserve`` - tokens kept for the classes above it, so that when
-    the caps bind, the lower classes stop spilling first.
+    the caps bind, the lower classes stop spilling first. A request of this class
+    that the router degrades to the fallback model is also capped at
+    ``degrade_max_tokens`` output tokens when set (``Decision.max_tokens``): a
+    shorter answer holds the small fallback pool's slots for less time.
     """
 
     local_budget_ms: float
@@ -102,6 +105,7 @@ class PriorityClass(_Strict):
     slot_ceiling: float
     sheddable: bool = False
     spill_reserve: float = 0.0
+    degrade_max_tokens: Optional[int] = None
 
 
 DEFAULT_PRIORITIES: dict[str, PriorityClass] = {
@@ -275,6 +279,8 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     budget it was checked against. ``fallbacks`` are replica ids to try, in order,
     if the primary fails before its first byte. ``epoch`` and ``replica_index`` let
     :meth:`Router.complete` release exactly what :meth:`Router.route` recorded.
+    ``max_tokens`` is set when the router shortens the answer (a degrade of a class
+    with ``degrade_max_tokens``): the gateway rewrites the body's limit.
     Not tracked by the cyclic GC (``gc=False``): a gateway makes one per request,
     and a decision refers only to its request, strings and tuples - no cycles.
     """
@@ -299,6 +305,7 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     retry_after_ms: Optional[int] = None
     epoch: int = 0
     replica_index: int = -1
+    max_tokens: Optional[int] = None  # the output limit the caller must apply; None: the request's own
 
     @property
     def http_status(self) -> int:

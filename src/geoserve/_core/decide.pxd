@@ -34,6 +34,8 @@ cdef struct ReqC:
     double cross_budget
     double ceiling
     double spill_need
+    int64_t max_tokens  # the output limit asked for
+    int64_t max_tokens_cap  # the class's cap on a degrade (0: none)
 
 
 cdef struct PickC:
@@ -82,7 +84,8 @@ cdef class Boundary:
 
     cdef int _state(self, state) except -1
     cdef int _resolve(self, request, snapshot, ReqC* req, int* model, int* version, int32_t* exclude) except -1
-    cdef object _decision(self, request, const PickC* out, int out_model, int64_t retry, int64_t epoch, int origin)
+    cdef object _decision(self, request, const PickC* out, int out_model, int64_t retry, int64_t epoch,
+                          const ReqC* req)
     cpdef object fast_decide(self, request, snapshot, state)
     cpdef object fast_route(self, request, snapshot)
     cpdef object fast_complete(self, decision, replica, ok)
@@ -91,8 +94,8 @@ cdef class Boundary:
     # or alias), origin and priority as indices into ``ids`` [model, version,
     # origin, priority]; 0 if one is unknown. ``ring_key``: the consistent-hash key
     # of a session (a str) or, without one, of the prefix. ``route_c``: fills the
-    # class budgets of ``req`` (origin, priority, prompt, prefix, block size,
-    # exclusions and waited time set by the caller), decides and records under the
+    # class budgets of ``req`` (origin, priority, prompt, output limit, prefix, block
+    # size, exclusions and waited time set by the caller), decides and records under the
     # state's lock like Router.route; ``epoch`` is the snapshot's. ``release_c``:
     # what Router.complete gives back (``home``: the origin's home region, for queue).
     cdef int resolve_names(self, model, origin, priority, int* ids) except -1

@@ -65,6 +65,7 @@ cdef struct FleetC:
     const double* class_cross_budget_ms
     const double* class_slot_ceiling
     const double* class_spill_reserve
+    const int64_t* class_degrade_max_tokens
     double load_bound
     double spill_ceiling
     double inference_share_ms
@@ -178,7 +179,8 @@ cdef class FleetView:
                        fleet.prefill_base_ms, fleet.model_prefill_base_ms, fleet.model_prefill_ms_per_token,
                        fleet.model_start, fleet.group_start, fleet.fallback_model, fleet.region_slots,
                        fleet.ring_points, fleet.ring_owner, fleet.ring_start, fleet.class_local_budget_ms,
-                       fleet.class_cross_budget_ms, fleet.class_slot_ceiling, fleet.class_spill_reserve)
+                       fleet.class_cross_budget_ms, fleet.class_slot_ceiling, fleet.class_spill_reserve,
+                       fleet.class_degrade_max_tokens)
         self.f.n_regions = fleet.n_regions
         self.f.n_locations = len(fleet.locations)
         self.f.rtt_ms = <double*>_ptr(fleet.rtt_ms, f64, "rtt_ms")
@@ -200,6 +202,8 @@ cdef class FleetView:
         self.f.class_cross_budget_ms = <double*>_ptr(fleet.class_cross_budget_ms, f64, "class_cross_budget_ms")
         self.f.class_slot_ceiling = <double*>_ptr(fleet.class_slot_ceiling, f64, "class_slot_ceiling")
         self.f.class_spill_reserve = <double*>_ptr(fleet.class_spill_reserve, f64, "class_spill_reserve")
+        self.f.class_degrade_max_tokens = <int64_t*>_ptr(fleet.class_degrade_max_tokens, cnp.NPY_INT64,
+                                                         "class_degrade_max_tokens")
         p = fleet.policy
         self.f.load_bound = p.load_bound
         self.f.spill_ceiling = p.spill_ceiling
@@ -1216,6 +1220,7 @@ cdef inline void _class_of(const FleetC* f, ReqC* req) noexcept:
     req.cross_budget = f.class_cross_budget_ms[req.priority]
     req.ceiling = f.class_slot_ceiling[req.priority]
     req.spill_need = 1.0 + f.class_spill_reserve[req.priority]
+    req.max_tokens_cap = f.class_degrade_max_tokens[req.priority]
 
 
 cdef class Boundary:
@@ -1331,7 +1336,7 @@ cdef class Boundary:
         req.priority = ids[3]
         if not _plain_count(request.prompt_tokens, &req.prompt_tokens):
             return 0
-        if not _plain_count(request.max_tokens, &count):
+        if not _plain_count(request.max_tokens, &req.max_tokens):
             return 0
         if not _plain_count(request.block_tokens, &req.block_tokens) or req.block_tokens < 1:
             return 0
@@ -1382,7 +1387,9 @@ cdef class Boundary:
         req.exclude = exclude
         return 1
 
-    cdef object _decision(self, request, const PickC* out, int out_model, int64_t retry, int64_t epoch, int origin):
+    cdef object _decision(self, request, const PickC* out, int out_model, int64_t retry, int64_t epoch,
+                          const ReqC* req):
+        cdef int origin = req.origin
         cdef int r = out.replica
         cdef int action = out.action
         cdef int i, n = out.n_fallbacks
@@ -1411,6 +1418,8 @@ cdef class Boundary:
             version, region, replica, endpoint, ids, eps,
             out.network, out.queue, out.prefill, out.decode, out.ttft, out.budget, out.cached,
             None if retry < 0 else retry, epoch, r,
+            # router._shortened: a degrade of a class with a shorter cap
+            req.max_tokens_cap if action == DEGRADE and 0 < req.max_tokens_cap < req.max_tokens else None,
         )
 
     cpdef object fast_decide(self, request, snapshot, state):
@@ -1428,7 +1437,7 @@ cdef class Boundary:
         _class_of(&sv.f, &req)
         with nogil:
             _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
-        return self._decision(request, &out, out_model, retry, sv.s.epoch, req.origin)
+        return self._decision(request, &out, out_model, retry, sv.s.epoch, &req)
 
     cpdef object fast_route(self, request, snapshot):
         """Decide and record under the state's lock, or None to take the Python boundary."""
@@ -1440,7 +1449,7 @@ cdef class Boundary:
         if not self._resolve(request, snapshot, &req, &model, &version, exclude):
             return None
         self.route_c(snapshot, &req, model, version, &out, &out_model, &retry, &epoch)
-        return self._decision(request, &out, out_model, retry, epoch, req.origin)
+        return self._decision(request, &out, out_model, retry, epoch, &req)
 
     cdef int route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
                      int64_t* epoch) except -1:

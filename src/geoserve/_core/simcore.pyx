@@ -77,7 +77,7 @@ cdef class Engine:
     cdef list replica_region_names, model_names
     # --- requests
     cdef vector[double] arrival, ttft, completion
-    cdef vector[int64_t] prompt, output, block_tokens, cached, ids
+    cdef vector[int64_t] prompt, output, block_tokens, cached, ids, cap  # cap: output the decision allowed (0: as asked)
     cdef vector[int] origin, attempts, replica, outcome, queued, region, model
     cdef vector[int64_t] blocks_at
     cdef vector[uint64_t] blocks
@@ -144,7 +144,7 @@ cdef class Engine:
         self.ids.reserve(n_req); self.arrival.reserve(n_req); self.prompt.reserve(n_req)
         self.output.reserve(n_req); self.block_tokens.reserve(n_req); self.origin.reserve(n_req)
         self.blocks_at.reserve(n_req + 1); self.blocks.reserve(32 * n_req)
-        self.ttft.assign(n_req, NAN); self.completion.assign(n_req, NAN); self.cached.assign(n_req, 0)
+        self.ttft.assign(n_req, NAN); self.completion.assign(n_req, NAN); self.cached.assign(n_req, 0); self.cap.assign(n_req, 0)
         self.attempts.assign(n_req, 0); self.replica.assign(n_req, -1); self.outcome.assign(n_req, NONE)
         self.queued.assign(n_req, 0); self.region.assign(n_req, -1); self.model.assign(n_req, -1)
         for q in self.reqs:
@@ -250,6 +250,7 @@ cdef class Engine:
         req.origin = self.d_origin[q]
         req.priority = self.d_priority[q]
         req.prompt_tokens = self.prompt[q]
+        req.max_tokens = self.output[q]
         req.block_tokens = self.block_tokens[q]
         req.prefix = self.blocks.data() + self.blocks_at[q]
         req.n_prefix = self.blocks_at[q + 1] - self.blocks_at[q]
@@ -540,7 +541,8 @@ cdef class Engine:
         self.advance(r, now)
         self.r_batch[r] += 1
         self.r_seq[r] += 1
-        self.r_decoding[r].push(Decoder(-(self.r_virtual[r] + <double>self.output[q]), pair[int64_t, int](-self.r_seq[r], q)))
+        self.r_decoding[r].push(Decoder(-(self.r_virtual[r] + <double>(self.cap[q] if self.cap[q] > 0 else self.output[q])),
+                                        pair[int64_t, int](-self.r_seq[r], q)))
         return now + self.step_ms(r, self.r_batch[r])
 
     cdef double next_completion(self, int r):
@@ -571,6 +573,7 @@ cdef class Engine:
         else:
             req = self.reqs[q]
             action, r, retry_after = self.policy.route(req, t)
+            self.cap[q] = req.output_cap
             code = ACTIONS[action]
             if code != A_QUEUE and code != A_SHED and code != A_LOST and r >= 0:
                 req.replica = r
@@ -613,6 +616,8 @@ cdef class Engine:
         self.d_epoch[q] = epoch
         self.d_home[q] = req.home
         self.d_prefill[q] = out.prefill
+        # Router._shortened: a degrade of a class with a shorter cap
+        self.cap[q] = req.max_tokens_cap if out.action == A_DEGRADE and 0 < req.max_tokens_cap < req.max_tokens else 0
         r[0] = self.d_replica[q]
         retry_after[0] = <double>retry if retry > 0 else 0.0
         return out.action
@@ -753,6 +758,7 @@ cdef class Engine:
             req.ttft_ms = self.ttft[q]
             req.completion_ms = self.completion[q]
             req.cached_tokens = self.cached[q]
+            req.output_cap = self.cap[q]
             req.queued = self.queued[q]
             req.attempts = self.attempts[q]
             req.replica = self.replica[q]

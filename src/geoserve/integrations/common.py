@@ -89,6 +89,21 @@ async def decide(router: Router, snapshot: Callable[[], Optional[Snapshot]], req
     return decision
 
 
+def engine_body(body: dict, decision: Decision) -> Optional[dict]:
+    """The body the engine must get, when it differs from the client's: the
+    deployment's own model name (an alias, a degrade) and the shorter output limit
+    a degrade may set (``decision.max_tokens``, in whichever of ``max_tokens`` /
+    ``max_completion_tokens`` the client used). None: forward it as it is."""
+    if decision.model == body.get("model") and decision.max_tokens is None:
+        return None
+    edited = dict(body, model=decision.model)
+    if decision.max_tokens is not None:
+        keys = [k for k in ("max_tokens", "max_completion_tokens") if k in body] or ["max_tokens"]
+        for key in keys:
+            edited[key] = decision.max_tokens
+    return edited
+
+
 def host_port(endpoint: str) -> str:
     """``http://10.0.0.1:8000/v1`` -> ``10.0.0.1:8000``."""
     rest = endpoint.split("://", 1)[-1]

@@ -17,7 +17,10 @@ Per request, on one ``Process`` stream:
    dynamic metadata (the primary and the fallbacks in retry order, for Envoy's
    ``override_host`` load-balancing policy). A client's own destination header is
    overwritten (or removed when no endpoint is chosen): it cannot steer.
-   Degrade (and an alias) rewrites the body's ``model`` to the deployment's.
+   Degrade (and an alias) rewrites the body's ``model`` to the deployment's; a
+   degrade that shortens the answer (``Decision.max_tokens``) sets the body's
+   limit too - for that one the picker holds the chunks to the body's end, since a
+   limit may follow the prompt (the only case it waits for a whole body).
 3. response headers - the version is stamped (``x-geoserve-version``) and the
    router's state is released (served replica from the ``upstream.address``
    attribute when Envoy sends it; ``ok`` unless 5xx).
@@ -99,7 +102,7 @@ class _Exchange:
     """One HTTP request's state on its ext_proc stream."""
 
     __slots__ = ("headers", "scanner", "body_bytes", "mode", "owed", "decision", "started", "released",
-                 "rewrite", "content_length", "response_body_mode")
+                 "content_length", "response_body_mode", "holding")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -111,8 +114,8 @@ class _Exchange:
         self.decision: Optional[Decision] = None
         self.started = time.perf_counter()
         self.released = False
-        self.rewrite: Optional[tuple[int, int, bytes]] = None  # model bytes (start, end, replacement)
         self.content_length: Optional[int] = None
+        self.holding = False  # decided, the body still arriving: a shorter limit is set at its end
 
 
 class EndpointPicker(pb_grpc.ExternalProcessorServicer):
@@ -215,7 +218,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     async def _on_body(self, ex: _Exchange, body) -> list:
         chunk, end = body.body, body.end_of_stream
-        if ex.decision is not None:  # decided: pass the rest through
+        if ex.decision is not None and not ex.holding:  # decided: pass the rest through
             if ex.mode == FULL_DUPLEX:
                 return [_echo(chunk, end)]
             return [_CONTINUE_BODY]
@@ -228,17 +231,23 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 ex.scanner.feed(chunk, end)
             except BodyError as err:
                 raise Reject(400, str(err)) from None
-            if not self._ready(ex, end):
+            if ex.holding and not end:
+                return []
+            if not ex.holding and not self._ready(ex, end):
                 return []
             if end:
                 try:  # the whole body is here: hold it to full JSON, not just its top level
                     msgspec.json.decode(bytes(ex.scanner.buffer))
                 except msgspec.DecodeError as err:
                     raise Reject(400, f"the body is not valid JSON: {err}") from None
-            decision = await self._decide(ex)
+            decision = ex.decision if ex.holding else await self._decide(ex)
         except Reject as reject:
             return [self._reject(reject)]
         ex.decision = decision
+        if decision.max_tokens is not None and not end:
+            ex.holding = True  # its limit may still come: answer the chunks at the body's end
+            return []
+        ex.holding = False
         return self._route_answers(ex, decision)
 
     def _ready(self, ex: _Exchange, end: bool) -> bool:
@@ -272,37 +281,50 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         on_decision = (lambda d: metrics.decisions.labels(d.action, d.reason).inc()) if metrics is not None else None
         decision = await decide(self.router, lambda: self.snapshot, lambda held: self._request(ex, held),
                                 self.max_hold_ms, on_decision)
-        if decision.model != ex.scanner.model and ex.scanner.model_span is not None:
-            start, end = ex.scanner.model_span
-            ex.rewrite = (start, end, json.dumps(decision.model).encode())
         if metrics is not None:
             metrics.decide_seconds.observe(time.perf_counter() - ex.started)
         return decision
+
+    @staticmethod
+    def _edits(ex: _Exchange, decision: Decision) -> list[tuple[int, int, bytes]]:
+        """Byte edits of the body, last first: the deployment's model name, the
+        shorter limit of a degrade (every limit key the client sent, else one added
+        after the opening brace; the body has ended when the limit is set)."""
+        scanner, edits = ex.scanner, []
+        if decision.model != scanner.model and scanner.model_span is not None:
+            edits.append((*scanner.model_span, json.dumps(decision.model).encode()))
+        if decision.max_tokens is not None:
+            limit = str(decision.max_tokens).encode()
+            edits.extend((start, end, limit) for start, end in scanner.limit_spans)
+            if not scanner.limit_spans and scanner.object_start is not None:
+                at = scanner.object_start + 1
+                edits.append((at, at, b'"max_tokens":' + limit + b","))
+        return sorted(edits, reverse=True)
 
     def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
         primary = host_port(decision.endpoint)
         hosts = [primary] + [host_port(e) for e in decision.fallback_endpoints]
         set_headers = [_header(DESTINATION_HEADER, primary)]
-        if ex.rewrite is not None and ex.content_length is not None:
-            start, end, new = ex.rewrite
-            set_headers.append(_header("content-length", str(ex.content_length - (end - start) + len(new))))
+        edits = self._edits(ex, decision)
+        if edits and ex.content_length is not None:
+            grown = sum(len(new) - (end - start) for start, end, new in edits)
+            set_headers.append(_header("content-length", str(ex.content_length + grown)))
         mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
         metadata = struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=struct_pb2.Struct(
             fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
         owed, ex.owed = ex.owed, []
         body = b"".join(c for c, _ in owed)
-        if ex.rewrite is not None:
-            start, end, new = ex.rewrite
-            body = body[:start] + new + body[end:]  # the owed chunks start at byte 0: nothing was answered before
+        for start, stop, new in edits:  # last first: earlier offsets stay valid
+            body = body[:start] + new + body[stop:]  # the owed chunks start at byte 0: nothing was answered before
         end = owed[-1][1]
         if ex.mode == BUFFERED:
-            if ex.rewrite is not None:
+            if edits:
                 mutation.body_mutation.body = body
             return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=mutation), dynamic_metadata=metadata)]
         answers = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)]
         if ex.mode == FULL_DUPLEX:
             answers.append(_echo(body, end))
-        elif ex.rewrite is None:
+        elif not edits:
             answers.extend(_CONTINUE_BODY for _ in owed)
         else:  # the rewritten bytes replace the first owed chunk, the others are emptied
             answers.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(

@@ -43,7 +43,7 @@ from ..resilience.retry import RetryBudget
 from ..router import Router
 from ..types import Decision, Request
 from .common import (CHARS_PER_TOKEN, ORIGIN_HEADER, PRIORITY_HEADER, SESSION_HEADER, VERSION_HEADER, Reject,
-                     SignalFeed, decide, error_body, host_port)
+                     SignalFeed, decide, engine_body, error_body, host_port)
 
 __all__ = ["Gateway", "REPLICA_HEADER"]
 
@@ -229,9 +229,8 @@ class Gateway:
                                             lambda d: self.m_decisions.labels(d.action, d.reason).inc())
                 except Reject as reject:
                     return self._answer(reject)
-                payload = raw
-                if decision.model != body["model"]:  # an alias or a degrade: the engine's own name
-                    payload = msgspec.json.encode(dict(body, model=decision.model))
+                edited = engine_body(body, decision)
+                payload = raw if edited is None else msgspec.json.encode(edited)
                 response = await self._forward(request, decision, payload, slot)
                 if response is not None:
                     return response

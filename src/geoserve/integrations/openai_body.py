@@ -55,6 +55,8 @@ class BodyScanner:
         self.model: Optional[str] = None
         self.model_span: Optional[tuple[int, int]] = None
         self.max_tokens: Optional[int] = None
+        self.limit_spans: list[tuple[int, int]] = []  # the max_tokens / max_completion_tokens values
+        self.object_start: Optional[int] = None  # where the top-level '{' is
         self.prompt_span: Optional[tuple[int, Optional[int]]] = None
         self.ended = False
 
@@ -105,6 +107,7 @@ class BodyScanner:
             if state == _OPEN:
                 if c != 0x7B:  # {
                     raise BodyError("the body must be a JSON object")
+                self.object_start = pos
                 self.pos, self.state = pos + 1, _KEY
             elif state == _KEY:
                 if c == 0x7D and self.key is None:  # } right after { (an empty object)
@@ -188,6 +191,7 @@ class BodyScanner:
                 if type(value) is not int or value < 1:
                     raise BodyError(f"{key} must be an integer >= 1")
                 self.max_tokens = value
+                self.limit_spans.append((start, end))
         self.pos, self.state = end, _NEXT
 
 

@@ -14,7 +14,8 @@ and demand (docs/resilience.md has the numbers and how to read them):
   of traffic it still gets against a steady run, and how many decisions changed.
 
 * ``us-outage`` - the biggest region down at its own peak (180-210 s), more than
-  the others can absorb: degrade, shed, or cascade onto the rescuers' own users;
+  the others can absorb: degrade (batch answers also cut to 64 tokens), shed, or
+  cascade onto the rescuers' own users;
 * ``canary`` - a new version three times slower, pre-staged in every region and
   rolled out APAC first: is it rolled back, did any session see two versions
   without being told, did any other region serve it.
@@ -50,7 +51,9 @@ def bad_day_scenarios() -> dict[str, Scenario]:
         "us-outage": msgspec.structs.replace(
             base, name="us-outage-at-its-peak", duration_s=230.0,
             faults=(Fault(kind="outage", region="us-east", start_s=180.0, end_s=210.0),),
-            windows={"outage": (180.0, 210.0)}),
+            windows={"outage": (180.0, 210.0)},
+            # a batch answer degraded to the 8B is also cut to 64 tokens (interactive keeps its length)
+            degrade_max_tokens={"batch": 64, "best_effort": 64}),
         "canary": msgspec.structs.replace(
             base, name="bad-canary-in-apac", duration_s=100.0, faults=(), windows={},
             canary=CanarySpec(slow_factor=3.0)),
@@ -167,6 +170,9 @@ def _us_outage(sim: Simulation) -> dict:
         return {"requests": len(qs), "within_budget": ok / len(qs) if qs else None,
                 "degraded": sum(q.outcome == "degraded" for q in qs), "shed": sum(q.outcome == "shed" for q in qs),
                 "lost": sum(q.outcome == "lost" for q in qs),
+                # degraded answers the class's cap shortened, and the output tokens not decoded
+                "shortened": sum(1 for q in qs if q.output_cap),
+                "tokens_not_decoded": sum(q.output_tokens - q.output_cap for q in qs if q.output_cap),
                 "p99_ttft_ms": _p99([q.ttft_ms for q in answered])}
 
     out = {}

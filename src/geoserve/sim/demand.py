@@ -59,6 +59,7 @@ class SimRequest(msgspec.Struct, gc=False):
     ttft_ms: float = math.nan
     completion_ms: float = math.nan
     cached_tokens: int = 0
+    output_cap: int = 0  # output tokens the router's last decision allowed, when it shortened them (0: as asked)
     decision: object = None
 
     def __post_init__(self) -> None:

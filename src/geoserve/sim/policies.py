@@ -241,6 +241,7 @@ class Geoserve(RoutingPolicy):
             tuple([self.ids[r] for r in tried]) if tried else (), now - req.arrival_ms,
         )
         d = req.decision = router.route(request, self.snapshot)
+        req.output_cap = d.max_tokens or 0  # a degrade may shorten the answer
         if guard is not None:
             guard.routed(req, d, now)
         return (d.action, d.replica_index, d.retry_after_ms or 0.0)

@@ -126,7 +126,7 @@ class Replica:
         self._advance(now)
         self.batch += 1
         self.seq += 1
-        heapq.heappush(self.decoding, (self.virtual + req.output_tokens, self.seq, req))
+        heapq.heappush(self.decoding, (self.virtual + (req.output_cap or req.output_tokens), self.seq, req))
         return now + self.step_ms(self.batch)
 
     def next_completion(self) -> float:

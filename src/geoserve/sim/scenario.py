@@ -129,6 +129,9 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # next signal round instead of only through the queues it builds.
     engine_timings: bool = False
     canary: Optional[CanarySpec] = None
+    # per priority class: the output cap of a request degraded to the fallback model
+    # (PriorityClass.degrade_max_tokens); absent: degraded requests keep their length
+    degrade_max_tokens: dict[str, int] = msgspec.field(default_factory=dict)
 
     def validate(self) -> "Scenario":
         f = self.fleet
@@ -144,6 +147,11 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("signal_interval_ms", "must be > 0")
         if not 0.0 < self.demand.trough <= 1.0:
             raise ConfigError("demand.trough", "must be in (0, 1]")
+        for name, cap in self.degrade_max_tokens.items():
+            if name not in self.demand.priorities:
+                raise ConfigError(f"degrade_max_tokens.{name}", f"unknown priority class {name!r}")
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ConfigError(f"degrade_max_tokens.{name}", f"must be an integer >= 1, got {cap!r}")
         if self.demand.kind not in ("synthetic", "mooncake", "azure"):
             raise ConfigError("demand.kind", f"must be synthetic, mooncake or azure, got {self.demand.kind!r}")
         for i, fault in enumerate(self.faults):
@@ -173,7 +181,7 @@ def load_scenario(path: str) -> Scenario:
 def scenario_topology(s: Scenario):
     """The router's topology for a scenario: 70B everywhere, the 8B fallback beside it."""
     from ..config import SEED_MODELS
-    from ..types import Deployment, ReplicaSpec, Topology
+    from ..types import DEFAULT_PRIORITIES, Deployment, ReplicaSpec, Topology
 
     f = s.fleet
     deployments = []
@@ -185,6 +193,9 @@ def scenario_topology(s: Scenario):
                     reps = tuple(ReplicaSpec(id=f"{region}/{model}/{k}", endpoint=f"sim://{region}/{model}/{k}") for k in ks)
                     deployments.append(Deployment(model=model, version=version, region=region, replicas=reps,
                                                   decode_slots=slots, kv_blocks=f.kv_blocks, kv_block_tokens=f.kv_block_tokens))
+    priorities = {name: msgspec.structs.replace(c, degrade_max_tokens=s.degrade_max_tokens[name])
+                  for name, c in DEFAULT_PRIORITIES.items() if name in s.degrade_max_tokens}
     return Topology(regions=f.regions, rtt_ms=f.rtt_ms, deployments=tuple(deployments), models=dict(SEED_MODELS),
-                    aliases={"chat": "llama-70b"}, fallbacks={"llama-70b": "llama-8b"} if any(f.fallback_replicas) else {})
+                    aliases={"chat": "llama-70b"}, fallbacks={"llama-70b": "llama-8b"} if any(f.fallback_replicas) else {},
+                    priorities=priorities)
 
