@@ -20,6 +20,7 @@ owned: consistent hashing, Karger et al. STOC'97).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Union
 
@@ -389,10 +390,14 @@ class Snapshot:
             derived = _finish(fleet, self.now_ms, *self._from_structs(signals))
         (self.status, self.in_flight, self.queue_depth, self.kv_free_blocks, self.prefill_ms_per_token,
          self.tpot_base_ms, self.tpot_ms_per_batch, self.service_ms, self.slot_ms) = derived
-        # any replica in soft failure: decisions then look at the healthy ones first
-        self.any_degraded = bool((self.status == DEGRADED).any())
         self._regions(signals.regions_down, signals.spill)
         self._native: object = None  # the kernel's pointer view, built on first use
+
+    @functools.cached_property
+    def any_degraded(self) -> bool:
+        """Any replica in soft failure: decisions then look at the healthy ones first
+        (the twin asks; the kernel's view finds it while packing its rows)."""
+        return bool((self.status == DEGRADED).any())
 
     def _from_structs(self, signals: Signals) -> tuple:
         fleet = self.fleet

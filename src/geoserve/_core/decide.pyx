@@ -239,8 +239,8 @@ cdef class SnapshotView:
                        snapshot.slot_ms, snapshot.spill_pair, snapshot.spill_total)
         cdef int f64 = cnp.NPY_FLOAT64, i32 = cnp.NPY_INT32, u8 = cnp.NPY_UINT8
         self.s.epoch = snapshot.epoch
+        self.s.any_degraded = False  # set while packing the rows
         self.s.now_ms = snapshot.now_ms
-        self.s.any_degraded = snapshot.any_degraded
         self.s.status = <uint8_t*>_ptr(self.arrays[0], u8, "status")
         self.s.region_up = <uint8_t*>_ptr(self.arrays[1], u8, "region_up")
         self.s.in_flight = <int32_t*>_ptr(self.arrays[2], i32, "in_flight")
@@ -273,6 +273,8 @@ cdef class SnapshotView:
             row.version = self.f.replica_version[r]
             row.usable = (self.s.status[r] == 0 or self.s.status[r] == 5) and self.s.region_up[row.region] != 0
             row.degraded = self.s.status[r] == 5
+            if row.degraded:
+                self.s.any_degraded = True
         return 0
 
     def __dealloc__(self):
