@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import tempfile
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 import aiohttp
 
 from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy
-from geoserve.testing.processes import fast_fleet_toml, free_port, geoserve_process
+from geoserve.testing.processes import banner_process, fast_fleet_toml, free_port, geoserve_process
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "envoy.md"
 SHORT = json.dumps({"model": "llama-70b", "prompt": "Say something short. " * 20, "max_tokens": 4}).encode()
@@ -154,6 +155,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the listeners per phase")
+    parser.add_argument("--picker-command", help="run this ext_proc server instead of geoserve's picker (a spike): "
+                        "{port} and {destination} are filled in, it prints a line once it listens")
     args = parser.parse_args()
     binary = find_envoy()
     if binary is None:
@@ -166,10 +169,15 @@ def main() -> int:
         fleet.write_text(fast_fleet_toml(replica_port))  # the router predicts with the replica's own speed
         stack.enter_context(geoserve_process("fake-replica", "--port", str(replica_port), "--speed", "1000",
                                              "--slots", "512", "--id", "r0"))
-        stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port", str(picker_port),
-                                             "--max-body-bytes", str(1 << 20)))
+        if args.picker_command:
+            stack.enter_context(banner_process(shlex.split(args.picker_command.format(
+                port=picker_port, destination=f"127.0.0.1:{replica_port}"))))
+        else:
+            stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port",
+                                                 str(picker_port), "--max-body-bytes", str(1 << 20)))
         config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port, variant_ports)
         targets = {"plain": plain_port, "picker": listen, **variant_ports}
+        print("listeners:", ", ".join(f"{t} :{p}" for t, p in targets.items()), flush=True)
         results = []
         with EnvoyProcess(config, admin, binary) as envoy:
             for name, concurrency, count, body_of, first_byte in phases(args.quick):

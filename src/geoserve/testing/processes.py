@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["free_port", "geoserve_process", "fast_fleet_toml"]
+__all__ = ["free_port", "geoserve_process", "banner_process", "fast_fleet_toml"]
 
 
 def free_port() -> int:
@@ -25,12 +25,19 @@ def free_port() -> int:
 def geoserve_process(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """``python -m geoserve *args``: yields once it printed its banner line (it
     listens by then), terminates it on exit."""
-    proc = subprocess.Popen([sys.executable, "-m", "geoserve", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    with banner_process([sys.executable, "-m", "geoserve", *args]) as started:
+        yield started
+
+
+@contextmanager
+def banner_process(argv: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Any server that prints a line once it listens: started, yielded, terminated."""
+    proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         banner = proc.stdout.readline()
         if not banner:
-            raise RuntimeError(f"geoserve {' '.join(args)} exited with {proc.wait()}")
+            raise RuntimeError(f"{' '.join(argv)} exited with {proc.wait()}")
         yield proc, banner
     finally:
         proc.terminate()
