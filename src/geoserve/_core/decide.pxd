@@ -56,6 +56,14 @@ cdef struct PickC:
     int64_t wait_load
 
 
+cdef inline int64_t shortened(int action, const ReqC* req) noexcept nogil:
+    # router._shortened: the output limit a degrade applies (the class's cap, when
+    # shorter than the request's), else 0
+    if action == DEGRADE and 0 < req.max_tokens_cap < req.max_tokens:
+        return req.max_tokens_cap
+    return 0
+
+
 cdef class Boundary:
     cdef object router
     cdef object fleet

@@ -1420,8 +1420,7 @@ cdef class Boundary:
             version, region, replica, endpoint, ids, eps,
             out.network, out.queue, out.prefill, out.decode, out.ttft, out.budget, out.cached,
             None if retry < 0 else retry, epoch, r,
-            # router._shortened: a degrade of a class with a shorter cap
-            req.max_tokens_cap if action == DEGRADE and 0 < req.max_tokens_cap < req.max_tokens else None,
+            shortened(action, req) or None,
         )
 
     cpdef object fast_decide(self, request, snapshot, state):

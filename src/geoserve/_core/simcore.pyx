@@ -27,7 +27,7 @@ from libcpp.vector cimport vector
 from libcpp.algorithm cimport sort
 
 from .common cimport mix64, prefetch
-from .decide cimport Boundary, ReqC, PickC, MAX_EXCLUDE, MAX_PREFIX_BLOCKS
+from .decide cimport Boundary, ReqC, PickC, MAX_EXCLUDE, MAX_PREFIX_BLOCKS, shortened
 from .decide cimport SERVE as A_SERVE, OVERFLOW as A_OVERFLOW, QUEUE as A_QUEUE, DEGRADE as A_DEGRADE, SHED as A_SHED
 
 cimport numpy as cnp
@@ -616,8 +616,7 @@ cdef class Engine:
         self.d_epoch[q] = epoch
         self.d_home[q] = req.home
         self.d_prefill[q] = out.prefill
-        # Router._shortened: a degrade of a class with a shorter cap
-        self.cap[q] = req.max_tokens_cap if out.action == A_DEGRADE and 0 < req.max_tokens_cap < req.max_tokens else 0
+        self.cap[q] = shortened(out.action, &req)  # a degrade may shorten the answer
         r[0] = self.d_replica[q]
         retry_after[0] = <double>retry if retry > 0 else 0.0
         return out.action
