@@ -289,3 +289,46 @@ def test_the_engine_body_carries_the_deployments_model_and_a_degrades_shorter_li
     assert engine_body(chat, decision("llama-8b", 64)) == dict(chat, model="llama-8b", max_completion_tokens=64)
     bare = {"model": "chat", "prompt": "hi"}
     assert engine_body(bare, decision("llama-8b", 64)) == dict(bare, model="llama-8b", max_tokens=64)
+
+
+def test_a_replica_that_steps_three_times_slower_is_reported_degraded_and_avoided():
+    # the signal feed reads vLLM's step-time histogram from the fake replicas' /metrics
+    # and SoftFailure marks the slow one degraded: the router then prefers the other
+    from geoserve.integrations.common import SignalFeed
+
+    speed = 100.0
+    profile = g.ModelProfile(prefill_base_ms=7.7 / speed, prefill_ms_per_token=0.107 / speed,
+                             tpot_base_ms=28.4 / speed, tpot_ms_per_batch=0.35 / speed)
+    loop = LoopThread()
+    fakes = {rid: FakeReplica(speed=speed, slots=SLOTS, replica_id=rid) for rid in ("a", "b")}
+    ports = {rid: loop.run(f.start()) for rid, f in fakes.items()}
+    topo = g.Topology(regions=("us",), rtt_ms=((2.0,),), models={"llama-70b": profile}, deployments=(
+        g.Deployment(model="llama-70b", version="v1", region="us", decode_slots=SLOTS, replicas=tuple(
+            g.ReplicaSpec(id=rid, endpoint=f"127.0.0.1:{port}") for rid, port in ports.items())),))
+    router = g.Router(topo)
+    feed = SignalFeed(router, interval_ms=60_000.0)
+    fakes["b"].slow = 3.0
+
+    def work():
+        for port in ports.values():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/completions", body=json.dumps(completion(max_tokens=40)),
+                         headers={"content-type": "application/json"})
+            assert conn.getresponse().read()
+            conn.close()
+
+    try:
+        snapshots = []
+        for _ in range(4):
+            work()
+            snapshots.append(loop.run(feed.poll_once()))
+        assert [s.replica_status("b") for s in snapshots] == ["ok", "ok", "degraded", "degraded"]
+        assert all(s.replica_status("a") == "ok" for s in snapshots)
+        tpot = {rid: sig.tpot_ms for rid, sig in feed.poller.last.items()}
+        assert tpot["b"] == pytest.approx(3 * tpot["a"], rel=0.05)  # measured, per window
+        assert router.decide(g.Request(model="llama-70b", origin="us"), snapshots[-1]).replica == "a"
+    finally:
+        loop.run(feed.stop())
+        for f in fakes.values():
+            loop.run(f.stop())
+        loop.close()

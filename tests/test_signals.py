@@ -111,3 +111,19 @@ def test_a_poller_scrapes_replicas_and_a_silent_one_goes_down_by_hysteresis(impl
         for server in (busy, idle):
             server.shutdown()
             server.server_close()
+
+
+def test_the_step_time_histogram_is_read_and_windowed():
+    from geoserve.signals import EngineLoad, step_ms
+
+    load = parse_metrics(SGLANG)
+    assert load.tpot_sum_s == pytest.approx(866964.5791549598) and load.tpot_count == 7.400757e06
+    assert parse_metrics(V1).tpot_sum_s is None  # no histogram: no step time
+
+    def at(seconds, tokens):
+        return EngineLoad("vllm", 1, 0, None, seconds, tokens)
+
+    assert step_ms(None, at(13.0, 1100), 16) is None  # the first scrape only starts a window
+    assert step_ms((10.0, 1000), at(13.0, 1100), 16) == pytest.approx(30.0)  # 3 s over 100 tokens
+    assert step_ms((10.0, 1000), at(10.1, 1010), 16) is None  # too few tokens to say
+    assert step_ms((10.0, 1000), at(0.5, 20), 16) is None  # the engine restarted

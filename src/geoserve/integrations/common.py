@@ -15,10 +15,12 @@ import math
 import time
 from typing import Callable, Optional
 
+import msgspec
+
 from ..errors import RequestError, UnknownModel, UnknownVersion
 from ..router import Router
 from ..snapshot import Snapshot
-from ..types import Decision, Request
+from ..types import Decision, Request, Signals
 
 __all__ = ["SESSION_HEADER", "PRIORITY_HEADER", "ORIGIN_HEADER", "VERSION_HEADER", "CHARS_PER_TOKEN", "Reject",
            "decide", "error_body", "SignalFeed"]
@@ -113,18 +115,22 @@ def host_port(endpoint: str) -> str:
 class SignalFeed:
     """Engine signals for a router: every replica's ``/metrics`` (vLLM or SGLang)
     and ``/health`` polled at ``interval_ms`` with a timeout, health hysteresis
-    (``FleetHealth``), and a fresh snapshot per round in ``self.snapshot``."""
+    (``FleetHealth``), soft failure from the engines' measured step times
+    (``SoftFailure``: a replica stepping at least twice its profile's time is
+    reported degraded), and a fresh snapshot per round in ``self.snapshot``."""
 
     def __init__(self, router: Router, *, interval_ms: float = 200.0, timeout_s: float = 0.5, health_policy=None,
-                 on_snapshot: Optional[Callable[[Snapshot], None]] = None, folds: tuple = ()) -> None:
+                 slow_policy=None, on_snapshot: Optional[Callable[[Snapshot], None]] = None,
+                 folds: tuple = ()) -> None:
         """``folds``: more machines applied to each round's Signals (e.g. inference
         canaries' health) before the snapshot is built."""
-        from ..resilience.health import FleetHealth, HealthPolicy
+        from ..resilience.health import FleetHealth, HealthPolicy, SlowPolicy, SoftFailure
         from ..signals import MetricsPoller
 
         self.router = router
         fleet = router.fleet
         self.health = FleetHealth.for_topology(fleet.topology, health_policy or HealthPolicy())
+        self.slow = SoftFailure(fleet.replica_ids, slow_policy or SlowPolicy())
         hosts = {rid: host_port(e) for rid, e in zip(fleet.replica_ids, fleet.endpoints)}
         self.poller = MetricsPoller({rid: f"http://{h}/metrics" for rid, h in hosts.items()},
                                     health_urls={rid: f"http://{h}/health" for rid, h in hosts.items()},
@@ -138,12 +144,29 @@ class SignalFeed:
     async def poll_once(self) -> Snapshot:
         now_ms = time.monotonic() * 1000.0
         signals = await asyncio.get_running_loop().run_in_executor(None, self.poller.poll, now_ms)
+        signals = self.soft_failure(signals)
         for fold in self.folds:
             signals = fold(signals)
         self.snapshot = snapshot = self.router.snapshot(signals)
         if self.on_snapshot is not None:
             self.on_snapshot(snapshot)
         return snapshot
+
+    def soft_failure(self, signals: Signals) -> Signals:
+        """Each measured step time against the profile's at the replica's batch:
+        replicas ``SoftFailure`` holds slow are reported degraded."""
+        fleet = self.router.fleet
+        replicas = []
+        for sig in signals.replicas:
+            r = fleet.replica_index.get(sig.replica)
+            if r is None or sig.replica not in self.slow.replicas:
+                replicas.append(sig)
+                continue
+            expected = float(fleet.default_tpot_base_ms[r] + fleet.default_tpot_ms_per_batch[r] * max(1, sig.in_flight))
+            step = math.nan if sig.tpot_ms is None else float(sig.tpot_ms)
+            slow = self.slow.observe(sig.replica, step, expected, signals.now_ms)
+            replicas.append(msgspec.structs.replace(sig, degraded=True) if slow and not sig.degraded else sig)
+        return msgspec.structs.replace(signals, replicas=tuple(replicas))
 
     async def _run(self) -> None:
         while True:

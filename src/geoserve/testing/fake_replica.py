@@ -15,7 +15,8 @@ can see it:
   256-byte blocks ~ 64 tokens) with the replica's KV capacity, so a request whose
   prefix is cached has a visibly shorter time to first token;
 * ``GET /metrics`` in vLLM's format (``vllm:num_requests_running``,
-  ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, prefix-cache
+  ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, the
+  ``vllm:time_per_output_token_seconds`` histogram, prefix-cache
   counters), which ``geoserve.signals`` parses;
 * ``POST /admin`` ``{"fail": true|false, "slow": factor, "drain": true|false,
   "break_after": n|null}``: fail every new request with 500 (health 503), slow
@@ -65,6 +66,8 @@ class FakeReplica:
         self.failing = False
         self.draining = False
         self.slow = 1.0
+        self.step_seconds = 0.0  # vLLM's time-per-output-token histogram: running sum and count
+        self.steps = 0
         self.break_after: Optional[int] = None  # cut every stream after this many tokens
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -113,6 +116,13 @@ class FakeReplica:
         loop's timers have millisecond resolution, so a 30 us sleep would take 1 ms."""
         seconds = self._seconds(ms)
         await asyncio.sleep(seconds if seconds >= 0.0005 else 0)
+
+    async def _step(self) -> None:
+        """One decode step at the current batch, recorded as the engine records it."""
+        ms = self.latency.tpot_ms(self.running)
+        self.step_seconds += self._seconds(ms)
+        self.steps += 1
+        await self._pace(ms)
 
     def _lookup(self, text: str) -> tuple[int, int]:
         """(prompt tokens, cached tokens): leading cached blocks, then all made recent."""
@@ -199,7 +209,7 @@ class FakeReplica:
                                                        "x-geoserve-replica": self.replica_id})
                 await response.prepare(request)
                 for i in range(max_tokens):
-                    await self._pace(self.latency.tpot_ms(self.running))
+                    await self._step()
                     if self.break_after is not None and i >= self.break_after:
                         request.transport.abort()  # a replica dying mid-stream
                         return response
@@ -209,7 +219,7 @@ class FakeReplica:
                 self.served += 1
                 return response
             for i in range(max_tokens):
-                await self._pace(self.latency.tpot_ms(self.running))
+                await self._step()
             self.served += 1
             content = "".join(f"tok{i} " for i in range(max_tokens))
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"} if chat
@@ -259,6 +269,10 @@ class FakeReplica:
             "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{label} {usage}",
             "# TYPE vllm:prefix_cache_queries counter", f"vllm:prefix_cache_queries_total{label} {float(self.prefix_queries)}",
             "# TYPE vllm:prefix_cache_hits counter", f"vllm:prefix_cache_hits_total{label} {float(self.prefix_hits)}",
+            "# TYPE vllm:time_per_output_token_seconds histogram",
+            f'vllm:time_per_output_token_seconds_bucket{{model_name="{self.model}",le="+Inf"}} {float(self.steps)}',
+            f"vllm:time_per_output_token_seconds_sum{label} {self.step_seconds}",
+            f"vllm:time_per_output_token_seconds_count{label} {float(self.steps)}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
