@@ -23,6 +23,8 @@ concurrency 1 and 8 (short prompts), the throughput ceiling (concurrency 32), an
 time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the load
 that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
 Bounded: every phase has a request count; the whole run takes about a minute.
+``--picker-command`` runs another ext_proc server in the picker's place (the
+native spike of benchmarks/spikes/extproc_native; docs/integrations/envoy.md).
 """
 
 from __future__ import annotations

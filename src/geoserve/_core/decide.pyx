@@ -1075,6 +1075,16 @@ cdef void _decide(const FleetC* f, const SnapC* s, const StateC* st, int64_t sta
     retry[0] = _retry(f, wait)
 
 
+cdef inline void _class_of(const FleetC* f, ReqC* req) noexcept:
+    # The request's home region and its class's budgets, ceiling and spill need.
+    req.home = f.home[req.origin]
+    req.local_budget = f.class_local_budget_ms[req.priority]
+    req.cross_budget = f.class_cross_budget_ms[req.priority]
+    req.ceiling = f.class_slot_ceiling[req.priority]
+    req.spill_need = 1.0 + f.class_spill_reserve[req.priority]
+    req.max_tokens_cap = f.class_degrade_max_tokens[req.priority]
+
+
 # ------------------------------------------------------------ Python face
 def decide(snapshot, state, int model, int version, int origin, int priority, int64_t prompt_tokens,
            uint64_t ring_key, bint has_key, cnp.ndarray prefix, int64_t block_tokens,
@@ -1096,7 +1106,6 @@ def decide(snapshot, state, int model, int version, int origin, int priority, in
     if not (0 <= priority < len(snapshot.fleet.priorities)):
         raise IndexError("priority out of range")
     req.origin = origin
-    req.home = sv.f.home[origin]
     req.priority = priority
     req.prompt_tokens = prompt_tokens
     req.ring_key = ring_key
@@ -1107,10 +1116,7 @@ def decide(snapshot, state, int model, int version, int origin, int priority, in
     req.exclude = <const int32_t*>cnp.PyArray_DATA(exclude)
     req.n_exclude = cnp.PyArray_DIM(exclude, 0)
     req.waited_ms = waited_ms
-    req.local_budget = sv.f.class_local_budget_ms[priority]
-    req.cross_budget = sv.f.class_cross_budget_ms[priority]
-    req.ceiling = sv.f.class_slot_ceiling[priority]
-    req.spill_need = 1.0 + sv.f.class_spill_reserve[priority]
+    _class_of(&sv.f, &req)
     with nogil:
         _decide(&sv.f, &sv.s, &tv.st, state_epoch, &req, model, version, &out, &out_model, &retry)
     fallbacks = tuple([out.fallbacks[i] for i in range(out.n_fallbacks)])
@@ -1213,16 +1219,6 @@ cdef inline bint _plain_count(object value, int64_t* out) noexcept:
         return False
     out[0] = v
     return True
-
-
-cdef inline void _class_of(const FleetC* f, ReqC* req) noexcept:
-    # The request's home region and its class's budgets, ceiling and spill need.
-    req.home = f.home[req.origin]
-    req.local_budget = f.class_local_budget_ms[req.priority]
-    req.cross_budget = f.class_cross_budget_ms[req.priority]
-    req.ceiling = f.class_slot_ceiling[req.priority]
-    req.spill_need = 1.0 + f.class_spill_reserve[req.priority]
-    req.max_tokens_cap = f.class_degrade_max_tokens[req.priority]
 
 
 cdef class Boundary:
