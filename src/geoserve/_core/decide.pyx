@@ -500,7 +500,9 @@ cdef void _prefix_record(StateC* st, const uint64_t* prefix, Py_ssize_t n, int32
     st.clock[0] += 1
     stamp = st.clock[0]
     for i in range(n if n < 64 else 64):  # independent misses: ask for them all at once
-        prefetch(&st.prefix[mix64(_slot_key(prefix[i])) & st.mask])
+        base = mix64(_slot_key(prefix[i])) & st.mask
+        for p in range(PROBE):  # a block not in the index looks at every slot of its probe
+            prefetch(&st.prefix[(base + <uint64_t>p) & st.mask])
     for i in range(n):
         key = _slot_key(prefix[i])
         base = mix64(key) & st.mask

@@ -17,6 +17,9 @@ current (``replica`` before ``complete``, ``tried`` after a failure) and the res
 (outcome, latencies, ``attempts``, ``queued``...) are written back at the end.
 """
 
+cimport cython
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.math cimport NAN, isnan
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libcpp.deque cimport deque
@@ -36,6 +39,16 @@ import numpy as np
 cnp.import_array()
 
 from geoserve.types import SignalColumns
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    enum: T_OBJECT_EX
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
 
 cdef enum:
     FAULT = 0
@@ -59,7 +72,9 @@ cdef enum:
 OUTCOMES = ("", "served", "overflowed", "degraded", "shed", "lost")
 
 cdef enum:
-    CACHE_MIN = 64  # slots of an empty prefix cache (a power of two)
+    CACHE_MIN = 64  # slots of the smallest prefix cache (a power of two)
+    CACHE_SLACK = 256  # blocks a prompt may add over the capacity before eviction, without a rehash
+    CACHE_BUDGET = 16 << 20  # bytes of prefix-cache slots the fleet starts with, at most
 
 ctypedef pair[double, pair[int64_t, int64_t]] Entry  # (-t, (-(kind << 40 | seq), seq))
 ctypedef pair[double, pair[int64_t, int]] Decoder  # (-finish, (-seq, request))
@@ -69,6 +84,65 @@ cdef enum:
     A_LOST = 5  # a baseline's answer beside the router's actions (A_SERVE..A_SHED)
 
 ACTIONS = {"serve": A_SERVE, "overflow": A_OVERFLOW, "queue": A_QUEUE, "degrade": A_DEGRADE, "shed": A_SHED, "lost": A_LOST}
+
+
+# ---- a request's fields, at their slots
+# A msgspec Struct keeps each field in an object slot at a fixed offset behind a
+# member descriptor: ``q.prompt_tokens`` looks the name up on the type, finds the
+# descriptor and reads the slot (PyMember_GetOne). The engine reads a dozen fields
+# of every request and writes ten back, so it finds the offsets once and reads and
+# writes the slots as those functions do. Objects of any other type (a subclass,
+# a stand-in) go through getattr/setattr.
+cdef enum:
+    F_ID, F_ARRIVAL, F_ORIGIN, F_PROMPT, F_OUTPUT, F_PREFIX, F_BLOCK_TOKENS, F_PRIORITY, F_MODEL, F_SESSION, \
+        F_BLOCKS, F_OUTCOME, F_TTFT, F_COMPLETION, F_CACHED, F_OUTPUT_CAP, F_QUEUED, F_ATTEMPTS, F_REPLICA, \
+        F_REGION, F_MODEL_USED, N_FIELDS
+
+FIELD_NAMES = ("id", "arrival_ms", "origin", "prompt_tokens", "output_tokens", "prefix", "block_tokens", "priority",
+               "model", "session", "blocks", "outcome", "ttft_ms", "completion_ms", "cached_tokens", "output_cap",
+               "queued", "attempts", "replica", "region", "model_used")
+
+
+@cython.final
+cdef class Fields:
+    cdef object cls
+    cdef Py_ssize_t offset[N_FIELDS]
+
+    def __init__(self, cls):
+        cdef PyMemberDef* member
+        assert len(FIELD_NAMES) == N_FIELDS
+        self.cls = cls
+        for f, name in enumerate(FIELD_NAMES):
+            d = cls.__dict__.get(name)
+            if type(d).__name__ != "member_descriptor":
+                raise TypeError(f"{cls.__name__}.{name} is not a slot")
+            member = (<PyMemberDescrObject*><PyObject*>d).d_member
+            if member.type != T_OBJECT_EX:
+                raise TypeError(f"{cls.__name__}.{name} is not an object slot")
+            self.offset[f] = member.offset
+
+    cdef inline object get(self, object obj, int f):
+        cdef PyObject* v
+        if type(obj) is self.cls:
+            v = (<PyObject**>(<char*><PyObject*>obj + self.offset[f]))[0]
+            if v != NULL:
+                return <object>v
+        return getattr(obj, FIELD_NAMES[f])
+
+    cdef inline void set(self, object obj, int f, object value) except *:
+        cdef PyObject** slot
+        cdef PyObject* old
+        if type(obj) is self.cls:
+            slot = <PyObject**>(<char*><PyObject*>obj + self.offset[f])
+            old = slot[0]
+            Py_INCREF(value)
+            slot[0] = <PyObject*>value
+            Py_XDECREF(old)
+        else:
+            setattr(obj, FIELD_NAMES[f], value)
+
+
+cdef Fields FIELDS = None  # SimRequest's, on first use (geoserve.sim imports this module)
 
 
 cdef class Engine:
@@ -118,6 +192,10 @@ cdef class Engine:
     cdef vector[double] d_prefill
 
     def __init__(self, sim, progress=None):
+        global FIELDS
+        if FIELDS is None:
+            from geoserve.sim.demand import SimRequest
+            FIELDS = Fields(SimRequest)
         self.sim = sim
         self.policy = sim.policy
         self.progress = progress
@@ -147,13 +225,15 @@ cdef class Engine:
         self.ttft.assign(n_req, NAN); self.completion.assign(n_req, NAN); self.cached.assign(n_req, 0); self.cap.assign(n_req, 0)
         self.attempts.assign(n_req, 0); self.replica.assign(n_req, -1); self.outcome.assign(n_req, NONE)
         self.queued.assign(n_req, 0); self.region.assign(n_req, -1); self.model.assign(n_req, -1)
+        cdef Fields fields = FIELDS
+        location_index = fleet.location_index
         for q in self.reqs:
-            self.ids.push_back(q.id)
-            self.arrival.push_back(q.arrival_ms)
-            self.prompt.push_back(q.prompt_tokens)
-            self.output.push_back(q.output_tokens)
-            self.block_tokens.push_back(q.block_tokens)
-            self.origin.push_back(fleet.location_index[q.origin])
+            self.ids.push_back(fields.get(q, F_ID))
+            self.arrival.push_back(fields.get(q, F_ARRIVAL))
+            self.prompt.push_back(fields.get(q, F_PROMPT))
+            self.output.push_back(fields.get(q, F_OUTPUT))
+            self.block_tokens.push_back(fields.get(q, F_BLOCK_TOKENS))
+            self.origin.push_back(location_index[fields.get(q, F_ORIGIN)])
             self.blocks_at.push_back(self.blocks.size())
             self._add_blocks(q)
         self.blocks_at.push_back(self.blocks.size())
@@ -189,6 +269,10 @@ cdef class Engine:
         self.r_decoding.resize(self.n_rep)
         self.c_table.resize(self.n_rep)
         self.r_uses.resize(self.n_rep)
+        # prefix caches sized for their KV capacity up front (never rehashed while
+        # they fill), within a budget for the whole fleet (a large fleet's start
+        # small and double)
+        cdef uint64_t most = CACHE_BUDGET // (16 * <uint64_t>max(1, self.n_rep)), first
         for rep in sim.replicas:
             self.r_region.push_back(rep.region)
             self.r_slots.push_back(rep.slots)
@@ -209,7 +293,10 @@ cdef class Engine:
             self.r_cache_blocks.push_back(rep.cache_blocks)
             self.r_clock.push_back(0)
             self.c_size.push_back(0)
-            self.c_table[rep.index].resize(2 * CACHE_MIN, 0)  # grows with use: idle replicas stay small
+            first = CACHE_MIN
+            while first < most and first < 2 * (<uint64_t>rep.cache_blocks + CACHE_SLACK):
+                first *= 2
+            self.c_table[rep.index].resize(2 * first, 0)
         self.fault_ops = sim.fault_schedule()
         boundary = getattr(self.policy, "boundary", None)
         if boundary is not None and self.max_attempts <= MAX_EXCLUDE:
@@ -229,18 +316,19 @@ cdef class Engine:
         self.d_action.assign(n, -1); self.d_replica.assign(n, -1); self.d_home.assign(n, -1)
         self.d_ok.assign(n, False); self.d_has_key.assign(n, False); self.d_key.assign(n, 0)
         self.d_epoch.assign(n, 0); self.d_prefill.assign(n, 0.0)
+        cdef Fields fields = FIELDS
         for q in range(<int>n):
             r = self.reqs[q]
-            key = (r.model, r.origin, r.priority)
+            key = (fields.get(r, F_MODEL), fields.get(r, F_ORIGIN), fields.get(r, F_PRIORITY))
             got = names.get(key)
             if got is None:
-                got = names[key] = (ids[0], ids[1], ids[2], ids[3]) if b.resolve_names(r.model, r.origin, r.priority, ids) else ()
+                got = names[key] = (ids[0], ids[1], ids[2], ids[3]) if b.resolve_names(key[0], key[1], key[2], ids) else ()
             if not got or self.block_tokens[q] < 1 or not (0 <= self.prompt[q] <= 2147483648) \
                     or not (0 <= self.output[q] <= 2147483648) or self.blocks_at[q + 1] - self.blocks_at[q] > MAX_PREFIX_BLOCKS:
                 continue
             self.d_model[q], self.d_version[q], self.d_origin[q], self.d_priority[q] = got
             self._fill(q, &req)
-            if not b.ring_key(r.session, &req):
+            if not b.ring_key(fields.get(r, F_SESSION), &req):
                 continue
             self.d_key[q] = req.ring_key
             self.d_has_key[q] = req.has_key
@@ -261,12 +349,12 @@ cdef class Engine:
     cdef void _add_blocks(self, q) except *:
         cdef const uint64_t* p
         cdef Py_ssize_t k
-        prefix = q.prefix
+        prefix = FIELDS.get(q, F_PREFIX)
         if type(prefix) is cnp.ndarray and cnp.PyArray_TYPE(prefix) == cnp.NPY_UINT64 and cnp.PyArray_IS_C_CONTIGUOUS(prefix):
             p = <const uint64_t*>cnp.PyArray_DATA(prefix)
             self.blocks.insert(self.blocks.end(), p, p + cnp.PyArray_SIZE(prefix))
         else:
-            for h in q.blocks:
+            for h in FIELDS.get(q, F_BLOCKS):
                 self.blocks.push_back(h)
 
     # ---------------------------------------------------------------- events
@@ -423,7 +511,9 @@ cdef class Engine:
     # ---- the prefix cache: a map block hash -> stamp of its last use, as the Python
     # replica's dict; linear probing with backward-shift deletion over (key, stamp)
     # pairs side by side (stamp 0: empty), doubled at half full. Only membership,
-    # stamps and size are observable, so any map gives the same run.
+    # stamps and size are observable, so any map gives the same run. Sized at the
+    # start for the replica's capacity (see __init__): rehashing a table as it fills
+    # cost as much as the lookups themselves.
     cdef inline int64_t cache_slot(self, int r, uint64_t key) noexcept:
         cdef uint64_t* t = self.c_table[r].data()
         cdef uint64_t mask = (self.c_table[r].size() >> 1) - 1
@@ -477,7 +567,7 @@ cdef class Engine:
         self.c_size[r] -= 1
 
     cdef void cache_clear(self, int r) noexcept:
-        self.c_table[r].assign(2 * CACHE_MIN, 0)
+        self.c_table[r].assign(self.c_table[r].size(), 0)
         self.c_size[r] = 0
 
     cdef int64_t cache_lookup(self, int r, int q):
@@ -508,9 +598,15 @@ cdef class Engine:
         cdef deque[pair[uint64_t, int]]* uses = &self.r_uses[r]
         cdef pair[uint64_t, int] use
         cdef int64_t k, i
+        cdef uint64_t* t
+        cdef uint64_t mask
         while self.c_size[r] > self.r_cache_blocks[r] and not uses.empty():
             use = uses.front()
             uses.pop_front()
+            t = self.c_table[r].data()
+            mask = (self.c_table[r].size() >> 1) - 1
+            for k in range(self.blocks_at[use.second], self.blocks_at[use.second + 1]):  # independent misses
+                prefetch(&t[2 * (mix64(self.blocks[k]) & mask)])
             for k in range(self.blocks_at[use.second], self.blocks_at[use.second + 1]):
                 i = self.cache_slot(r, self.blocks[k])
                 if self.cache_stamp(r, i) == use.first:  # not used since: least recently used
@@ -751,19 +847,20 @@ cdef class Engine:
     cdef void _write_back(self) except *:
         cdef int q, r
         sim = self.sim
+        cdef Fields fields = FIELDS
         for q in range(len(self.reqs)):
             req = self.reqs[q]
-            req.outcome = OUTCOMES[self.outcome[q]]
-            req.ttft_ms = self.ttft[q]
-            req.completion_ms = self.completion[q]
-            req.cached_tokens = self.cached[q]
-            req.output_cap = self.cap[q]
-            req.queued = self.queued[q]
-            req.attempts = self.attempts[q]
-            req.replica = self.replica[q]
+            fields.set(req, F_OUTCOME, OUTCOMES[self.outcome[q]])
+            fields.set(req, F_TTFT, self.ttft[q])
+            fields.set(req, F_COMPLETION, self.completion[q])
+            fields.set(req, F_CACHED, self.cached[q])
+            fields.set(req, F_OUTPUT_CAP, self.cap[q])
+            fields.set(req, F_QUEUED, self.queued[q])
+            fields.set(req, F_ATTEMPTS, self.attempts[q])
+            fields.set(req, F_REPLICA, self.replica[q])
             if self.region[q] >= 0:
-                req.region = self.replica_region_names[self.region[q]]
-                req.model_used = self.model_names[self.model[q]]
+                fields.set(req, F_REGION, self.replica_region_names[self.region[q]])
+                fields.set(req, F_MODEL_USED, self.model_names[self.model[q]])
         for r in range(self.n_rep):
             rep = sim.replicas[r]
             rep.busy_ms = self.r_busy_ms[r]
