@@ -184,6 +184,7 @@ cdef class Engine:
     # the router's C entry points (geoserve's policy without a guard), per request:
     # its names resolved once, its ring key, and what its last decision holds
     cdef Boundary direct
+    cdef object router  # the policy's, whose snapshot the direct path takes itself
     cdef object snapshot  # the policy's, taken after each delivery
     cdef vector[int] d_model, d_version, d_origin, d_priority, d_action, d_replica, d_home
     cdef vector[bint] d_ok, d_has_key
@@ -312,6 +313,7 @@ cdef class Engine:
         cdef ReqC req
         cdef dict names = {}
         self.direct = b
+        self.router = self.policy.router
         self.d_model.assign(n, -1); self.d_version.assign(n, -1); self.d_origin.assign(n, -1); self.d_priority.assign(n, -1)
         self.d_action.assign(n, -1); self.d_replica.assign(n, -1); self.d_home.assign(n, -1)
         self.d_ok.assign(n, False); self.d_has_key.assign(n, False); self.d_key.assign(n, 0)
@@ -424,8 +426,9 @@ cdef class Engine:
 
     # ---------------------------------------------------------------- signals
     cdef void _signal(self, double t) except *:
-        cdef int r, backlog
+        cdef int r, g, backlog
         cdef cnp.npy_intp n = self.n_rep
+        cdef vector[int64_t] used_c = vector[int64_t](self.n_regions, 0)
         observed = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
         healthy = cnp.PyArray_EMPTY(1, &n, cnp.NPY_BOOL, 0)
         running = cnp.PyArray_EMPTY(1, &n, cnp.NPY_INT32, 0)
@@ -436,7 +439,6 @@ cdef class Engine:
         cdef unsigned char* fresh_ok = <unsigned char*>cnp.PyArray_DATA(usable)
         cdef int32_t* run_v = <int32_t*>cnp.PyArray_DATA(running)
         cdef int32_t* wait_v = <int32_t*>cnp.PyArray_DATA(waiting)
-        used = [0] * self.n_regions
         for r in range(self.n_rep):
             if self.r_alive[r]:
                 self.r_last_signal[r] = t
@@ -446,7 +448,7 @@ cdef class Engine:
             backlog = <int>self.r_prefilling[r].size() - (1 if (not self.r_prefilling[r].empty() and self.r_prefill_free_at[r] > t) else 0)
             run_v[r] = self.r_in_use[r] - backlog
             wait_v[r] = <int>self.r_waiting[r].size() + backlog
-            used[self.r_region[r]] += self.r_in_use[r]
+            used_c[self.r_region[r]] += self.r_in_use[r]
         timings = {}
         cdef double* tpot_v
         cdef double* rate_v
@@ -466,7 +468,7 @@ cdef class Engine:
             usable &= accepting
         columns = SignalColumns(now_ms=t, observed_ms=observed, healthy=healthy, in_flight=running, queue_depth=waiting,
                                 **timings)
-        self.sim.slot_samples.append((t, used))
+        self.sim.slot_samples.append((t, [used_c[g] for g in range(self.n_regions)]))
         if self.signal_delay > 0:
             self.push(t + self.signal_delay, DELIVER, 0, 0)
             self.deliveries[self.seq] = (columns, usable)
@@ -474,9 +476,10 @@ cdef class Engine:
             self._deliver(columns, usable)
 
     cdef void _deliver(self, columns, usable) except *:
-        self.policy.on_signals(columns, usable)
-        if self.direct is not None:
-            self.snapshot = self.policy.snapshot
+        if self.direct is not None:  # geoserve's on_signals without a guard: the router's snapshot
+            self.snapshot = self.policy.snapshot = self.router.snapshot(columns)
+        else:
+            self.policy.on_signals(columns, usable)
 
     # ---------------------------------------------------------------- replica model
     cdef double prefill_ms(self, int m, double tokens):
