@@ -192,3 +192,28 @@ def test_a_measured_step_time_scales_the_service_time_unless_it_is_measured_too(
     assert 2.5 < s.service_ms[0] / default[0] < 3.0  # the decode part triples, the prefill part does not
     assert s.service_ms[1] == 5000.0  # measured: as reported
     assert np.array_equal(s.service_ms[2:], default[2:])  # nothing measured: exactly the profile's
+
+
+def test_an_update_that_measures_nothing_shares_the_fleets_unmeasured_columns():
+    # No KV, rate, step or service column: the last six derived columns are the
+    # fleet's, shared read only - and equal to what all-NaN columns (every replica
+    # keeps its profile) derive the long way, with and without missing signals.
+    r = g.Router(topology())
+    n = r.fleet.n_replicas
+    observed = np.zeros(n)
+    observed[1] = math.nan
+    base = dict(now_ms=0.0, observed_ms=observed, in_flight=np.ones(n, np.int32), queue_depth=np.ones(n, np.int32))
+    nan = np.full(n, math.nan)
+    plain = r.snapshot(g.SignalColumns(**base))
+    spelled = r.snapshot(g.SignalColumns(**base, prefill_ms_per_token=nan, tpot_ms=nan, mean_service_ms=nan,
+                                         kv_free_blocks=r.fleet.kv_blocks.copy()))
+    derivations = [derive_columns(r.fleet, 0.0, g.SignalColumns(**base))]
+    if _compat.compiled_decide is not None:
+        derivations.append(_compat.compiled_decide.derive_columns(r.fleet, 0.0, g.SignalColumns(**base)))
+    for derived in derivations:
+        assert all(a is b for a, b in zip(derived[3:], r.fleet.unmeasured))
+    for name in DERIVED:
+        assert np.array_equal(getattr(plain, name), getattr(spelled, name)), name
+    assert plain.in_flight[1] == 0 and plain.status[1] == 4  # no signal: nothing known
+    with pytest.raises(ValueError):
+        plain.service_ms[0] = 1.0

@@ -122,6 +122,17 @@ class Fleet:
                                               self.default_tpot_ms_per_batch)
         given = np.array([math.nan if p.mean_service_ms is None else p.mean_service_ms for p in profiles])[of]
         self.default_service_ms = np.where(np.isnan(given), self.service_basis_ms, given)
+        # What an update that measures nothing (no KV, rate, step or service column)
+        # derives for every replica, shared by all such snapshots (read only): KV
+        # blocks, prefill rate, step time and its batch term, service time, ms per
+        # departure from a full replica.
+        unmeasured = service_ms(self, self.default_service_ms, np.zeros(len(given), dtype=bool),
+                                self.default_prefill_ms_per_token, self.default_tpot_base_ms, self.default_tpot_ms_per_batch)
+        self.unmeasured = tuple(np.array(a) for a in (
+            self.kv_blocks, self.default_prefill_ms_per_token, self.default_tpot_base_ms, self.default_tpot_ms_per_batch,
+            unmeasured, unmeasured / self.decode_slots))
+        for arr in self.unmeasured:
+            arr.flags.writeable = False
 
         n_models = len(self.models)
         n_groups = n_models * self.n_regions
@@ -320,6 +331,8 @@ def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
     """The reference derivation of a columnar update (validated vectorized, errors
     name ``field[r]``) -> ``(status, in_flight, queue_depth, kv_free_blocks,
     prefill_ms_per_token, tpot_base_ms, tpot_ms_per_batch, service_ms, slot_ms)``.
+    An update without KV, rate, step or service columns measures nothing of them:
+    its last six are the fleet's shared ``unmeasured`` columns (read only).
     ``_core/decide.pyx`` has its compiled twin for the common dtypes."""
     n = fleet.n_replicas
     observed = _column(c.observed_ms, n, "observed_ms").astype(np.float64, copy=False)
@@ -327,43 +340,52 @@ def derive_columns(fleet: Fleet, now_ms: float, c: SignalColumns) -> tuple:
         _first_bad(np.isinf(observed), observed, "observed_ms", "must be finite (NaN: no signal)")
     in_flight = _count_column(c.in_flight, n, "in_flight")
     queue_depth = _count_column(c.queue_depth, n, "queue_depth")
-    kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")
-    prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
-    tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
-    tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
-    service, given = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
-    service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
+    unmeasured = c.kv_free_blocks is None and c.prefill_ms_per_token is None and c.tpot_ms is None and c.mean_service_ms is None
+    if unmeasured:
+        kv_free, prefill_per_token, tpot_base, tpot_per_batch, service, slot = fleet.unmeasured
+    else:
+        kv_free = fleet.kv_blocks.copy() if c.kv_free_blocks is None else _count_column(c.kv_free_blocks, n, "kv_free_blocks")
+        prefill_per_token, _ = _override_column(c.prefill_ms_per_token, n, "prefill_ms_per_token", fleet.default_prefill_ms_per_token)
+        tpot_base, measured = _override_column(c.tpot_ms, n, "tpot_ms", fleet.default_tpot_base_ms, positive=True)
+        tpot_per_batch = np.where(measured, 0.0, fleet.default_tpot_ms_per_batch)
+        service, given = _override_column(c.mean_service_ms, n, "mean_service_ms", fleet.default_service_ms, positive=True)
+        service = service_ms(fleet, service, given, prefill_per_token, tpot_base, tpot_per_batch)
+        slot = None
     healthy = _flag_column(c.healthy, n, "healthy", True)
     draining = _flag_column(c.draining, n, "draining", False)
     degraded = _flag_column(c.degraded, n, "degraded", False)
     missing = np.isnan(observed)
     if missing.any():  # no signal, nothing known: as if the struct were absent
         in_flight, queue_depth = np.where(missing, 0, in_flight).astype(np.int32), np.where(missing, 0, queue_depth).astype(np.int32)
-        kv_free = np.where(missing, fleet.kv_blocks, kv_free).astype(np.int32)
-        prefill_per_token = np.where(missing, fleet.default_prefill_ms_per_token, prefill_per_token)
-        tpot_base = np.where(missing, fleet.default_tpot_base_ms, tpot_base)
-        tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
-        service = np.where(missing, fleet.default_service_ms, service)
         healthy, draining = healthy | missing, draining & ~missing
+        if not unmeasured:  # (the unmeasured columns are the defaults already)
+            kv_free = np.where(missing, fleet.kv_blocks, kv_free).astype(np.int32)
+            prefill_per_token = np.where(missing, fleet.default_prefill_ms_per_token, prefill_per_token)
+            tpot_base = np.where(missing, fleet.default_tpot_base_ms, tpot_base)
+            tpot_per_batch = np.where(missing, fleet.default_tpot_ms_per_batch, tpot_per_batch)
+            service = np.where(missing, fleet.default_service_ms, service)
     return _finish(fleet, now_ms, observed, healthy, draining, degraded, in_flight, queue_depth, kv_free,
-                   prefill_per_token, tpot_base, tpot_per_batch, service)
+                   prefill_per_token, tpot_base, tpot_per_batch, service, slot)
 
 
 def _finish(fleet: Fleet, now_ms: float, observed, healthy, draining, degraded, in_flight, queue_depth, kv_free,
-            prefill_per_token, tpot_base, tpot_per_batch, service) -> tuple:
+            prefill_per_token, tpot_base, tpot_per_batch, service, slot=None) -> tuple:
     """Status codes (later rules win: degraded < stale < draining < unhealthy < no
     signal) and the ms between two departures from a full replica (turns queue
-    depth into wait)."""
+    depth into wait), unless given."""
     status = np.full(len(observed), OK, dtype=np.uint8)
     status[degraded] = DEGRADED
     status[now_ms - observed > fleet.policy.signal_max_age_ms] = STALE
     status[draining] = DRAINING
     status[~healthy] = UNHEALTHY
     status[np.isnan(observed)] = NO_SIGNAL
-    service = np.ascontiguousarray(service, dtype=np.float64)
-    return (status, in_flight, queue_depth, kv_free, np.ascontiguousarray(prefill_per_token, dtype=np.float64),
-            np.ascontiguousarray(tpot_base, dtype=np.float64), np.ascontiguousarray(tpot_per_batch, dtype=np.float64),
-            service, service / fleet.decode_slots)
+    if slot is None:
+        service = np.ascontiguousarray(service, dtype=np.float64)
+        prefill_per_token = np.ascontiguousarray(prefill_per_token, dtype=np.float64)
+        tpot_base = np.ascontiguousarray(tpot_base, dtype=np.float64)
+        tpot_per_batch = np.ascontiguousarray(tpot_per_batch, dtype=np.float64)
+        slot = service / fleet.decode_slots
+    return (status, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service, slot)
 
 
 class Snapshot:

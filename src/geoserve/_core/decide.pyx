@@ -165,10 +165,23 @@ cdef void* _ptr(object arr, int typenum, str name) except NULL:
 
 
 
+cdef struct DefaultsC:  # what derive_columns fills in where a round measures nothing
+    const int32_t* kv_blocks
+    const double* prefill_ms_per_token
+    const double* tpot_base_ms
+    const double* tpot_ms_per_batch
+    const double* service_ms
+    const double* service_basis_ms
+    const double* service_batch
+    double max_age_ms
+
+
 cdef class FleetView:
     """Raw pointers into a Fleet's tables, built once per fleet (cached on it) and
     copied into every snapshot's view. Keeps the arrays, not the fleet, alive."""
     cdef FleetC f
+    cdef DefaultsC d
+    cdef tuple unmeasured  # the fleet's shared columns of a round that measures nothing
     cdef tuple arrays
 
     def __cinit__(self, fleet):
@@ -180,7 +193,18 @@ cdef class FleetView:
                        fleet.model_start, fleet.group_start, fleet.fallback_model, fleet.region_slots,
                        fleet.ring_points, fleet.ring_owner, fleet.ring_start, fleet.class_local_budget_ms,
                        fleet.class_cross_budget_ms, fleet.class_slot_ceiling, fleet.class_spill_reserve,
-                       fleet.class_degrade_max_tokens)
+                       fleet.class_degrade_max_tokens, fleet.kv_blocks, fleet.default_prefill_ms_per_token,
+                       fleet.default_tpot_base_ms, fleet.default_tpot_ms_per_batch, fleet.default_service_ms,
+                       fleet.service_basis_ms, fleet.service_batch)
+        self.unmeasured = fleet.unmeasured
+        self.d.kv_blocks = <int32_t*>_ptr(fleet.kv_blocks, i32, "kv_blocks")
+        self.d.prefill_ms_per_token = <double*>_ptr(fleet.default_prefill_ms_per_token, f64, "default_prefill_ms_per_token")
+        self.d.tpot_base_ms = <double*>_ptr(fleet.default_tpot_base_ms, f64, "default_tpot_base_ms")
+        self.d.tpot_ms_per_batch = <double*>_ptr(fleet.default_tpot_ms_per_batch, f64, "default_tpot_ms_per_batch")
+        self.d.service_ms = <double*>_ptr(fleet.default_service_ms, f64, "default_service_ms")
+        self.d.service_basis_ms = <double*>_ptr(fleet.service_basis_ms, f64, "service_basis_ms")
+        self.d.service_batch = <double*>_ptr(fleet.service_batch, f64, "service_batch")
+        self.d.max_age_ms = fleet.policy.signal_max_age_ms
         self.f.n_regions = fleet.n_regions
         self.f.n_locations = len(fleet.locations)
         self.f.rtt_ms = <double*>_ptr(fleet.rtt_ms, f64, "rtt_ms")
@@ -369,22 +393,33 @@ def derive_columns(fleet, double now_ms, c):
     cdef const double* prefill = NULL if given[4] is None else <const double*>cnp.PyArray_DATA(given[4])
     cdef const double* tpot = NULL if given[5] is None else <const double*>cnp.PyArray_DATA(given[5])
     cdef const double* service = NULL if given[6] is None else <const double*>cnp.PyArray_DATA(given[6])
-    cdef const int32_t* kv_default = <const int32_t*>_ptr(fleet.kv_blocks, i32, "kv_blocks")
-    cdef const double* prefill_default = <const double*>_ptr(fleet.default_prefill_ms_per_token, f64, "default_prefill_ms_per_token")
-    cdef const double* tpot_default = <const double*>_ptr(fleet.default_tpot_base_ms, f64, "default_tpot_base_ms")
-    cdef const double* batch_default = <const double*>_ptr(fleet.default_tpot_ms_per_batch, f64, "default_tpot_ms_per_batch")
-    cdef const double* service_default = <const double*>_ptr(fleet.default_service_ms, f64, "default_service_ms")
-    cdef const int32_t* slots = <const int32_t*>_ptr(fleet.decode_slots, i32, "decode_slots")
-    cdef const double* prefill_base = <const double*>_ptr(fleet.prefill_base_ms, f64, "prefill_base_ms")
-    cdef const double* service_batch = <const double*>_ptr(fleet.service_batch, f64, "service_batch")
-    cdef const double* service_basis = <const double*>_ptr(fleet.service_basis_ms, f64, "service_basis_ms")
-    cdef double max_age = fleet.policy.signal_max_age_ms
+    cdef FleetView fv
+    try:
+        fv = _fleet_view(fleet)  # the fleet's tables, resolved once per fleet
+    except ValueError:  # a fleet the kernels do not take (too many regions)
+        return None
+    cdef const int32_t* kv_default = fv.d.kv_blocks
+    cdef const double* prefill_default = fv.d.prefill_ms_per_token
+    cdef const double* tpot_default = fv.d.tpot_base_ms
+    cdef const double* batch_default = fv.d.tpot_ms_per_batch
+    cdef const double* service_default = fv.d.service_ms
+    cdef const int32_t* slots = fv.f.decode_slots
+    cdef const double* prefill_base = fv.f.prefill_base_ms
+    cdef const double* service_batch = fv.d.service_batch
+    cdef const double* service_basis = fv.d.service_basis_ms
+    cdef double max_age = fv.d.max_age_ms
     cdef cnp.npy_intp dims = n
+    # nothing measured (no KV, rate, step or service column): the fleet's shared
+    # unmeasured columns, as the reference; only status and counts are new
+    cdef bint unmeasured = given[3] is None and given[4] is None and given[5] is None and given[6] is None
     cdef tuple out = (cnp.PyArray_EMPTY(1, &dims, cnp.NPY_UINT8, 0), cnp.PyArray_EMPTY(1, &dims, i32, 0),
-                      cnp.PyArray_EMPTY(1, &dims, i32, 0), cnp.PyArray_EMPTY(1, &dims, i32, 0),
-                      cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
-                      cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
-                      cnp.PyArray_EMPTY(1, &dims, f64, 0))
+                      cnp.PyArray_EMPTY(1, &dims, i32, 0))
+    if unmeasured:
+        out = out + fv.unmeasured
+    else:
+        out = out + (cnp.PyArray_EMPTY(1, &dims, i32, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
+                     cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0),
+                     cnp.PyArray_EMPTY(1, &dims, f64, 0), cnp.PyArray_EMPTY(1, &dims, f64, 0))
     cdef uint8_t* o_status = <uint8_t*>cnp.PyArray_DATA(out[0])
     cdef int32_t* o_in_flight = <int32_t*>cnp.PyArray_DATA(out[1])
     cdef int32_t* o_queue = <int32_t*>cnp.PyArray_DATA(out[2])
@@ -411,6 +446,8 @@ def derive_columns(fleet, double now_ms, c):
                 o_status[r] = 4  # NO_SIGNAL
                 o_in_flight[r] = 0
                 o_queue[r] = 0
+                if unmeasured:
+                    continue
                 o_kv[r] = kv_default[r]
                 o_prefill[r] = prefill_default[r]
                 o_tpot[r] = tpot_default[r]
@@ -429,6 +466,8 @@ def derive_columns(fleet, double now_ms, c):
                     o_status[r] = 0  # OK
                 o_in_flight[r] = in_flight[r]
                 o_queue[r] = queue[r]
+                if unmeasured:
+                    continue
                 o_kv[r] = kv[r] if kv != NULL else kv_default[r]
                 v = prefill[r] if prefill != NULL else NAN
                 o_prefill[r] = prefill_default[r] if isnan(v) else v
