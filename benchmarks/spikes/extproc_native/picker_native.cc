@@ -2,8 +2,10 @@
 // same protocol as the Python spikes of docs/integrations/envoy.md: answer the
 // request headers with the destination header and envoy.lb metadata once the first
 // body chunk arrives (STREAMED + send_body_without_waiting_for_header_response),
-// acknowledge every body chunk, answer the response headers. No routing: it
-// measures what the transport costs, to decide whether a native server meets 0.5 ms.
+// acknowledge every body chunk, answer the response headers; when Envoy sends no body
+// (request_body_mode NONE: bench_envoy.py --floor) it answers on the headers, one
+// exchange per request. No routing: it measures what the transport costs, to decide
+// whether a native server meets 0.5 ms.
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -17,16 +19,17 @@ class Picker final : public ExternalProcessor::Service {
   explicit Picker(std::string dest) : dest_(std::move(dest)) {}
   grpc::Status Process(grpc::ServerContext*, grpc::ServerReaderWriter<ProcessingResponse, ProcessingRequest>* stream) override {
     ProcessingRequest req;
-    bool decided = false, duplex = false, buffered = false;
+    bool decided = false, duplex = false, buffered = false, no_body = false;
     while (stream->Read(&req)) {
       if (req.has_protocol_config()) {
         duplex = req.protocol_config().request_body_mode() == 4;    // FULL_DUPLEX_STREAMED
         buffered = req.protocol_config().request_body_mode() == 2;  // BUFFERED: headers first, then the body
+        no_body = req.protocol_config().request_body_mode() == 0;   // NONE: the floor, one exchange per request
       }
       ProcessingResponse r;
       switch (req.request_case()) {
         case ProcessingRequest::kRequestHeaders:
-          if (req.request_headers().end_of_stream()) { stream->Write(Decision(false)); decided = true; }
+          if (req.request_headers().end_of_stream() || no_body) { stream->Write(Decision(false)); decided = true; }
           else if (buffered) { r.mutable_request_headers(); stream->Write(r); }
           break;
         case ProcessingRequest::kRequestBody:
