@@ -91,8 +91,9 @@ ACTIONS = {"serve": A_SERVE, "overflow": A_OVERFLOW, "queue": A_QUEUE, "degrade"
 # member descriptor: ``q.prompt_tokens`` looks the name up on the type, finds the
 # descriptor and reads the slot (PyMember_GetOne). The engine reads a dozen fields
 # of every request and writes ten back, so it finds the offsets once and reads and
-# writes the slots as those functions do. Objects of any other type (a subclass,
-# a stand-in) go through getattr/setattr.
+# writes the slots as those functions do - for a Struct that is neither frozen nor
+# tracked by the garbage collector, whose setattr adds nothing to the slot write.
+# Objects of any other type (a subclass, a stand-in) go through getattr/setattr.
 cdef enum:
     F_ID, F_ARRIVAL, F_ORIGIN, F_PROMPT, F_OUTPUT, F_PREFIX, F_BLOCK_TOKENS, F_PRIORITY, F_MODEL, F_SESSION, \
         F_BLOCKS, F_OUTCOME, F_TTFT, F_COMPLETION, F_CACHED, F_OUTPUT_CAP, F_QUEUED, F_ATTEMPTS, F_REPLICA, \
@@ -111,6 +112,9 @@ cdef class Fields:
     def __init__(self, cls):
         cdef PyMemberDef* member
         assert len(FIELD_NAMES) == N_FIELDS
+        config = getattr(cls, "__struct_config__", None)
+        if config is None or config.frozen or config.gc:
+            raise TypeError(f"{cls.__name__} is not a msgspec Struct with frozen=False, gc=False")
         self.cls = cls
         for f, name in enumerate(FIELD_NAMES):
             d = cls.__dict__.get(name)
