@@ -379,13 +379,10 @@ def _finish(fleet: Fleet, now_ms: float, observed, healthy, draining, degraded, 
     status[draining] = DRAINING
     status[~healthy] = UNHEALTHY
     status[np.isnan(observed)] = NO_SIGNAL
-    if slot is None:
-        service = np.ascontiguousarray(service, dtype=np.float64)
-        prefill_per_token = np.ascontiguousarray(prefill_per_token, dtype=np.float64)
-        tpot_base = np.ascontiguousarray(tpot_base, dtype=np.float64)
-        tpot_per_batch = np.ascontiguousarray(tpot_per_batch, dtype=np.float64)
-        slot = service / fleet.decode_slots
-    return (status, in_flight, queue_depth, kv_free, prefill_per_token, tpot_base, tpot_per_batch, service, slot)
+    service = np.ascontiguousarray(service, dtype=np.float64)  # (no copy of a contiguous float64 column)
+    return (status, in_flight, queue_depth, kv_free, np.ascontiguousarray(prefill_per_token, dtype=np.float64),
+            np.ascontiguousarray(tpot_base, dtype=np.float64), np.ascontiguousarray(tpot_per_batch, dtype=np.float64),
+            service, service / fleet.decode_slots if slot is None else slot)
 
 
 class Snapshot:

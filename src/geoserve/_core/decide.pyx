@@ -165,7 +165,7 @@ cdef void* _ptr(object arr, int typenum, str name) except NULL:
 
 
 
-cdef struct DefaultsC:  # what derive_columns fills in where a round measures nothing
+cdef struct DefaultsC:  # the profile's values derive_columns keeps where a measured column has none
     const int32_t* kv_blocks
     const double* prefill_ms_per_token
     const double* tpot_base_ms
