@@ -3,8 +3,15 @@
 GEOSERVE_DEBUG_BUILD=1 turns bounds and wraparound checks back on (for tests that
 hunt memory errors); the default build has them off, as the kernels validate
 their inputs at the Python boundary.
+
+The Envoy picker's native transport (``geoserve._core.extproc``) is built where
+gRPC C++ is installed (pkg-config ``grpc++``; Debian: ``libgrpc++-dev``), and
+skipped elsewhere - the picker then runs on grpc.aio alone. GEOSERVE_NATIVE_PICKER=1
+makes it required (CI), =0 skips it.
 """
 import os
+import shutil
+import subprocess
 
 import numpy
 from Cython.Build import cythonize
@@ -32,7 +39,36 @@ extensions = [
         extra_compile_args=compile_args,
         language=language,
     )
-    for name, language in (("decide", "c"), ("hashing", "c"), ("simcore", "c++"))
+    for name, language in (("decide", "c"), ("hashing", "c"), ("bodyscan", "c"), ("simcore", "c++"))
 ]
+
+
+def grpc_cpp_flags():
+    """(cflags, libs) of gRPC C++ from pkg-config, or None where it is missing."""
+    if shutil.which("pkg-config") is None:
+        return None
+    try:
+        cflags = subprocess.run(["pkg-config", "--cflags", "grpc++"], check=True, capture_output=True, text=True)
+        libs = subprocess.run(["pkg-config", "--libs", "grpc++"], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError:
+        return None
+    return cflags.stdout.split(), libs.stdout.split()
+
+
+native_picker = os.environ.get("GEOSERVE_NATIVE_PICKER", "auto")
+flags = grpc_cpp_flags() if native_picker != "0" else None
+if flags is None and native_picker == "1":
+    raise SystemExit("GEOSERVE_NATIVE_PICKER=1 but gRPC C++ was not found (pkg-config grpc++; "
+                     "Debian: apt-get install libgrpc++-dev pkg-config)")
+if flags is not None:
+    cflags, libs = flags
+    extensions.append(Extension(
+        "geoserve._core.extproc",
+        ["src/geoserve/_core/extproc.pyx"],
+        include_dirs=["src/geoserve/_core"],
+        extra_compile_args=["-O2", "-std=c++17", *cflags],
+        extra_link_args=libs,
+        language="c++",
+    ))
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

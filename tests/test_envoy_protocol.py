@@ -47,8 +47,9 @@ def chunk(data: bytes, end: bool):
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end))
 
 
-class Stream:
-    """Feeds messages one at a time and collects what the picker answers to each."""
+class AioStream:
+    """The grpc.aio transport's side: feeds messages to ``Process`` one at a time
+    and collects what the picker answers to each."""
 
     def __init__(self, p: EndpointPicker) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -73,13 +74,49 @@ class Stream:
             await asyncio.sleep(0)
         return [a.WhichOneof("response") for a in self.answers[before:]]
 
+    async def close(self) -> None:
+        await self.queue.put(None)
+        await self.task
+
+    async def ended(self) -> None:  # the picker ended the stream itself
+        await self.task
+
+
+class BytesStream:
+    """The native transport's side: the handler of ``native_stream()`` fed
+    serialized messages, as the gRPC C++ server's thread feeds it."""
+
+    def __init__(self, p: EndpointPicker) -> None:
+        self.handle = p.native_stream()
+        self.answers: list = []
+        self.done = False
+
+    async def send(self, message) -> list:
+        assert not self.done, "the picker had ended this stream"
+        out, self.done = self.handle(message.SerializeToString())
+        answers = [pb.ProcessingResponse.FromString(a) for a in out]
+        self.answers.extend(answers)
+        return [a.WhichOneof("response") for a in answers]
+
+    async def close(self) -> None:
+        assert self.handle(None) is None
+
+    async def ended(self) -> None:
+        assert self.done
+        await self.close()
+
+
+@pytest.fixture(params=[AioStream, BytesStream], ids=["aio", "native-handler"])
+def Stream(request):  # noqa: N802 (a class, chosen per run)
+    return request.param
+
 
 def destination(answer) -> str:
     response = answer.request_headers.response if answer.HasField("request_headers") else answer.request_body.response
     return {h.header.key: h.header.raw_value.decode() for h in response.header_mutation.set_headers}[DESTINATION_HEADER]
 
 
-def test_decides_on_the_first_chunks_of_a_long_body_and_acks_the_rest():
+def test_decides_on_the_first_chunks_of_a_long_body_and_acks_the_rest(Stream):
     async def run():
         p = picker()
         body = json.dumps({"model": "big", "messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
@@ -93,13 +130,12 @@ def test_decides_on_the_first_chunks_of_a_long_body_and_acks_the_rest():
         assert lb.split(",")[0] == destination(s.answers[0]) and len(lb.split(",")) == 2  # primary, then fallback
         for i in range(8192, len(body), 16384):
             assert await s.send(chunk(body[i:i + 16384], i + 16384 >= len(body))) == ["request_body"]
-        await s.queue.put(None)
-        await s.task
+        await s.close()
 
     asyncio.run(run())
 
 
-def test_degrade_rewrites_the_model_and_content_length():
+def test_degrade_rewrites_the_model_and_content_length(Stream):
     async def run():
         p = picker(fallback=True)  # every big replica is full: the request degrades to small
         body = b'{"model": "big", "prompt": "hello", "max_tokens": 8}'
@@ -114,8 +150,7 @@ def test_degrade_rewrites_the_model_and_content_length():
         assert set_headers["content-length"] == str(len(new_body))
         assert destination(s.answers[0]) == "10.0.1.1:8000"
         assert s.answers[2].request_body.response.body_mutation.clear_body  # the second chunk's bytes moved to the first
-        await s.queue.put(None)
-        await s.task
+        await s.close()
 
     asyncio.run(run())
 
@@ -124,7 +159,7 @@ def test_degrade_rewrites_the_model_and_content_length():
                                         (b', "max_completion_tokens": 500, "max_tokens": 400}',
                                          ("max_completion_tokens", "max_tokens")),
                                         (b"}", ("max_tokens",))])
-def test_a_degrade_that_shortens_the_answer_sets_the_limit_even_after_the_prompt(tail, keys):
+def test_a_degrade_that_shortens_the_answer_sets_the_limit_even_after_the_prompt(Stream, tail, keys):
     async def run():
         p = picker(fallback=True, degrade_max_tokens=64)
         head = json.dumps({"model": "big", "prompt": "y" * 6000}).encode()[:-1]  # the limit, if any, after the prompt
@@ -139,13 +174,12 @@ def test_a_degrade_that_shortens_the_answer_sets_the_limit_even_after_the_prompt
         sent = json.loads(new_body)
         assert sent["model"] == "small" and all(sent[k] == 64 for k in keys)
         assert set_headers["content-length"] == str(len(new_body))
-        await s.queue.put(None)
-        await s.task
+        await s.close()
 
     asyncio.run(run())
 
 
-def test_buffered_mode_answers_headers_first_and_routes_on_the_body():
+def test_buffered_mode_answers_headers_first_and_routes_on_the_body(Stream):
     async def run():
         p = picker()
         s = Stream(p)
@@ -155,13 +189,12 @@ def test_buffered_mode_answers_headers_first_and_routes_on_the_body():
         assert list(removed) == [DESTINATION_HEADER]  # the client's header goes at once
         assert await s.send(chunk(b'{"model": "big", "prompt": "hi"}', True)) == ["request_body"]
         assert destination(s.answers[1]) in ("10.0.0.1:8000", "10.0.0.2:8000")
-        await s.queue.put(None)
-        await s.task
+        await s.close()
 
     asyncio.run(run())
 
 
-def test_a_streamed_config_without_early_body_is_refused_clearly():
+def test_a_streamed_config_without_early_body_is_refused_clearly(Stream):
     async def run():
         p = picker()
         s = Stream(p)
@@ -169,12 +202,12 @@ def test_a_streamed_config_without_early_body_is_refused_clearly():
         message.protocol_config.send_body_without_waiting_for_header_response = False
         assert await s.send(message) == ["immediate_response"]
         assert s.answers[0].immediate_response.status.code == 500
-        await s.task
+        await s.ended()
 
     asyncio.run(run())
 
 
-def test_the_response_headers_release_the_router_state_and_stamp_the_version():
+def test_the_response_headers_release_the_router_state_and_stamp_the_version(Stream):
     from google.protobuf import struct_pb2
 
     async def run():
@@ -194,7 +227,56 @@ def test_the_response_headers_release_the_router_state_and_stamp_the_version():
         stamped = s.answers[-1].response_headers.response.header_mutation.set_headers
         assert [(h.header.key, h.header.raw_value) for h in stamped] == [("x-geoserve-version", b"v1")]
         assert int(p.router.state.pending.sum()) == 0  # released
-        await s.queue.put(None)
-        await s.task
+        await s.close()
+
+    asyncio.run(run())
+
+
+def test_a_queue_decision_is_held_on_either_transport_then_routed_or_refused(Stream):
+    """A batch request over its class's ceiling is queued: the picker holds it
+    ``retry_after_ms`` (asyncio.sleep on grpc.aio, the stream's own thread on the
+    native transport) and decides again on the snapshot of that time; past
+    ``max_hold_ms`` it answers 429 with retry-after."""
+    import threading
+    import time
+
+    def busy_picker(max_hold_ms):
+        router = g.Router(g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=(g.Deployment(
+            model="big", version="v1", region="us", decode_slots=8,
+            replicas=tuple(g.ReplicaSpec(id=f"b{k}", endpoint=f"10.0.0.{k + 1}:8000") for k in range(2))),)))
+        p = EndpointPicker(router, region="us", max_hold_ms=max_hold_ms)
+        p.update(g.SignalColumns(now_ms=0.0, observed_ms=np.zeros(2), in_flight=np.full(2, 7, np.int32),
+                                 queue_depth=np.zeros(2, np.int32)))  # 7/8: over batch's 0.8 ceiling
+        return p
+
+    idle = g.SignalColumns(now_ms=1.0, observed_ms=np.ones(2), in_flight=np.zeros(2, np.int32),
+                           queue_depth=np.zeros(2, np.int32))
+    body = b'{"model": "big", "prompt": "nightly report", "max_tokens": 8}'
+
+    async def run():
+        p = busy_picker(2000.0)
+        threading.Timer(0.05, p.update, (idle,)).start()  # the next poll finds room
+        s = Stream(p)
+        await s.send(headers([("x-geoserve-priority", "batch")]))
+        t0 = time.monotonic()
+        got = await s.send(chunk(body, True))
+        for _ in range(200):  # the aio stream answers from its task once the hold is over
+            if got:
+                break
+            await asyncio.sleep(0.01)
+            got = [a.WhichOneof("response") for a in s.answers]
+        assert got == ["request_headers", "request_body"]
+        assert time.monotonic() - t0 >= 0.8  # held retry_after_ms (803 ms), then routed
+        assert destination(s.answers[0]) in ("10.0.0.1:8000", "10.0.0.2:8000")
+        await s.close()
+
+        p = busy_picker(500.0)  # the wait does not fit: 429 now, not after a hold
+        s = Stream(p)
+        await s.send(headers([("x-geoserve-priority", "batch")]))
+        assert await s.send(chunk(body, True)) == ["immediate_response"]
+        answer = s.answers[0].immediate_response
+        assert answer.status.code == 429
+        assert [(h.header.key, h.header.raw_value) for h in answer.headers.set_headers][1] == ("retry-after", b"1")
+        await s.ended()
 
     asyncio.run(run())

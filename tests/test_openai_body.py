@@ -1,4 +1,6 @@
-"""BodyScanner against json.loads: same model, max_tokens and prompt value, whatever the chunking."""
+"""BodyScanner against json.loads: same model, max_tokens and prompt value, whatever
+the chunking; and the compiled scanner against its pure-Python twin, state for
+state and error for error, on bodies and on garbage."""
 
 import json
 
@@ -6,7 +8,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from geoserve.integrations.openai_body import BodyError, BodyScanner
+from geoserve import _compat
+from geoserve.integrations import openai_body
+from geoserve.integrations.openai_body import BodyError
+
+IMPLEMENTATIONS = ["python"] + (["native"] if _compat.compiled_bodyscan is not None else [])
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, scope="module")
+def BodyScanner(request):  # noqa: N802 (the class under test)
+    return _compat.kernels(request.param, "bodyscan").BodyScanner
+
+
+def test_the_gateways_use_the_compiled_scanner_where_built():
+    assert openai_body.BodyScanner is _compat.kernels(None, "bodyscan").BodyScanner
+    if _compat.native:
+        assert openai_body.BodyScanner is _compat.compiled_bodyscan.BodyScanner
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from(list('"\\{}[],: \n')),
                max_size=40)
@@ -38,7 +55,7 @@ def bodies(draw):
     return body, raw, cuts
 
 
-def feed_all(raw: bytes, cuts: list) -> BodyScanner:
+def feed_all(BodyScanner, raw: bytes, cuts: list):  # noqa: N803
     scanner = BodyScanner()
     edges = [0] + cuts + [len(raw)]
     for i in range(len(edges) - 1):
@@ -46,10 +63,10 @@ def feed_all(raw: bytes, cuts: list) -> BodyScanner:
     return scanner
 
 
-@given(bodies())
-def test_scanner_reads_what_json_reads(case):
+@given(case=bodies())
+def test_scanner_reads_what_json_reads(BodyScanner, case):  # noqa: N803
     body, raw, cuts = case
-    scanner = feed_all(raw, cuts)
+    scanner = feed_all(BodyScanner, raw, cuts)
     assert scanner.complete
     assert scanner.model == body.get("model")
     assert scanner.max_tokens == body.get("max_tokens")
@@ -65,8 +82,8 @@ def test_scanner_reads_what_json_reads(case):
         assert json.loads(raw[start:end]) == body["model"]
 
 
-@given(bodies(), st.data())
-def test_a_truncated_body_is_an_error_and_the_prefix_is_never_wrong(case, data):
+@given(case=bodies(), data=st.data())
+def test_a_truncated_body_is_an_error_and_the_prefix_is_never_wrong(BodyScanner, case, data):  # noqa: N803
     body, raw, _ = case
     cut = data.draw(st.integers(0, len(raw) - 1))
     scanner = BodyScanner()
@@ -93,12 +110,12 @@ def test_a_truncated_body_is_an_error_and_the_prefix_is_never_wrong(case, data):
     (b'{"model": "m"', "complete JSON object"),
     (b'', "complete JSON object"),
 ])
-def test_malformed_bodies(raw, message):
+def test_malformed_bodies(BodyScanner, raw, message):  # noqa: N803
     with pytest.raises(BodyError, match=message):
         BodyScanner().feed(raw, end=True)
 
 
-def test_model_before_a_long_prompt_is_known_early():
+def test_model_before_a_long_prompt_is_known_early(BodyScanner):  # noqa: N803
     prompt = "x" * 200_000
     raw = json.dumps({"model": "chat", "messages": [{"role": "user", "content": prompt}]}).encode()
     scanner = BodyScanner()
@@ -108,3 +125,40 @@ def test_model_before_a_long_prompt_is_known_early():
     for i in range(8192, len(raw), 16384):
         scanner.feed(raw[i:i + 16384], end=i + 16384 >= len(raw))
     assert scanner.complete and json.loads(scanner.prompt_bytes())[0]["content"] == prompt
+
+
+# ---------------------------------------------------------------- kernel vs twin
+STATE = ("state", "pos", "key", "value_start", "depth", "model", "model_span", "max_tokens", "limit_spans",
+         "object_start", "prompt_span", "ended")
+
+
+def observe(scanner, chunk, end):
+    """Feed one chunk; what a caller can see afterwards (or the error)."""
+    try:
+        scanner.feed(chunk, end)
+    except BodyError as err:
+        return ("error", str(err))
+    return tuple(getattr(scanner, k) for k in STATE) + (bytes(scanner.buffer), scanner.complete,
+                                                         scanner.prompt_length(), scanner.prompt_bytes())
+
+
+# JSON-ish bytes: the characters the scanner cares about, escapes, whitespace of
+# both kinds it distinguishes, numbers, the wanted keys, and anything else
+NOISE = st.lists(st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b'\\"', b":", b",", b" ", b"\n", b"\t",
+                                  b"\x0b", b"\x0c", b"null", b"true", b"1", b"-2", b"3.5", b"1e3", b"0",
+                                  b'"model"', b'"prompt"', b'"messages"', b'"max_tokens"', b'"max_completion_tokens"',
+                                  b'"m\\u00e9"', b'"\xc3\xa9"', b"\xff", b"\x01", b"a"]), max_size=40).map(b"".join)
+
+
+@pytest.mark.skipif("native" not in IMPLEMENTATIONS, reason="the compiled kernels are not built")
+@given(raw=st.one_of(bodies().map(lambda case: case[1]), NOISE, st.binary(max_size=60)), data=st.data())
+def test_the_compiled_scanner_is_its_twin(raw, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
+    edges = [0] + cuts + [len(raw)]
+    twin, kernel = (_compat.kernels(k, "bodyscan").BodyScanner() for k in ("python", "native"))
+    for i in range(len(edges) - 1):
+        chunk, end = raw[edges[i]:edges[i + 1]], i == len(edges) - 2
+        seen = observe(twin, chunk, end)
+        assert observe(kernel, chunk, end) == seen
+        if seen[0] == "error":
+            break

@@ -2,7 +2,7 @@
 
 ``GEOSERVE_NO_EXTENSIONS=1`` forces the twins (as yarl's, multidict's and
 msgpack's variables do); otherwise the compiled kernels are used when they
-import. ``native`` says which won. Two kernel modules, each with a twin:
+import. ``native`` says which won. The kernel modules, each with a twin:
 
 ``decide`` (``_core/decide.pyx`` / ``_twin/decide.py``)
     ``decide(snapshot, state, model, version, origin, priority, prompt_tokens,
@@ -17,6 +17,9 @@ import. ``native`` says which won. Two kernel modules, each with a twin:
 ``hashing`` (``_core/hashing.pyx`` / ``_twin/hashing.py``)
     ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``,
     ``ring_points(ids, vnodes)``, ``sort_ring(points, owners, starts)``.
+``bodyscan`` (``_core/bodyscan.pyx`` / ``_twin/bodyscan.py``)
+    ``BodyScanner``: the top level of a streamed OpenAI-style JSON body (model,
+    output limit, the prompt's byte span), for the gateways.
 ``simcore`` (``_core/simcore.pyx`` / ``sim/engine.py`` + ``sim/replica.py``)
     ``Engine(simulation, progress).run()``: the simulator's event loop and replica
     model; its twin is the Python engine itself (``Simulation(engine="python")``).
@@ -28,6 +31,7 @@ import os
 from types import ModuleType
 from typing import Optional
 
+from ._twin import bodyscan as twin_bodyscan
 from ._twin import decide as twin_decide
 from ._twin import hashing as twin_hashing
 
@@ -36,16 +40,18 @@ FORCED_TWIN = os.environ.get("GEOSERVE_NO_EXTENSIONS", "") not in ("", "0")
 compiled_decide: Optional[ModuleType]
 compiled_hashing: Optional[ModuleType]
 compiled_simcore: Optional[ModuleType]
+compiled_bodyscan: Optional[ModuleType]
 try:
+    from ._core import bodyscan as compiled_bodyscan
     from ._core import decide as compiled_decide
     from ._core import hashing as compiled_hashing
     from ._core import simcore as compiled_simcore
 except ImportError:  # not built (an sdist without a compiler, or a source checkout)
-    compiled_decide = compiled_hashing = compiled_simcore = None
+    compiled_decide = compiled_hashing = compiled_simcore = compiled_bodyscan = None
 
 native = compiled_decide is not None and not FORCED_TWIN
-_TWINS = {"decide": twin_decide, "hashing": twin_hashing}
-_COMPILED = {"decide": compiled_decide, "hashing": compiled_hashing}
+_TWINS = {"decide": twin_decide, "hashing": twin_hashing, "bodyscan": twin_bodyscan}
+_COMPILED = {"decide": compiled_decide, "hashing": compiled_hashing, "bodyscan": compiled_bodyscan}
 
 
 def kernels(implementation: Optional[str] = None, which: str = "decide") -> ModuleType:

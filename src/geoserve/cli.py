@@ -229,11 +229,11 @@ def _envoy_picker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PickerServer(Topology.from_file(args.fleet), region=args.region, host=args.host, port=args.port,
                           poll_interval_ms=args.poll_ms, metrics_port=args.metrics_port,
-                          max_body_bytes=args.max_body_bytes, max_hold_ms=args.max_hold_ms)
+                          max_body_bytes=args.max_body_bytes, max_hold_ms=args.max_hold_ms, transport=args.transport)
 
     def banner(port: int) -> str:
         metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if args.metrics_port is not None else ""
-        return f"geoserve envoy picker ({args.region}) on {args.host}:{port}{metrics}"
+        return f"geoserve envoy picker ({args.region}) on {args.host}:{port} ({server.transport} transport){metrics}"
 
     return _run_until_interrupted(server, banner)
 
@@ -291,6 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--poll-ms", type=float, default=200.0, help="engine signal poll interval")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-hold-ms", type=float, default=250.0, help="longest a queued request is held")
+    p.add_argument("--transport", choices=("auto", "native", "aio"), default="auto",
+                   help="gRPC C++ threads (native, where built) or grpc.aio; auto: native where built")
     p.set_defaults(run=_envoy_picker)
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)

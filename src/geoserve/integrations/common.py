@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional
 
 import msgspec
 
@@ -23,7 +23,7 @@ from ..snapshot import Snapshot
 from ..types import Decision, Request, Signals
 
 __all__ = ["SESSION_HEADER", "PRIORITY_HEADER", "ORIGIN_HEADER", "VERSION_HEADER", "CHARS_PER_TOKEN", "Reject",
-           "decide", "error_body", "SignalFeed"]
+           "decide", "deciding", "error_body", "SignalFeed"]
 
 log = logging.getLogger("geoserve.integrations")
 
@@ -54,14 +54,20 @@ def seconds(ms: float) -> int:
     return max(1, math.ceil(ms / 1000.0))
 
 
-async def decide(router: Router, snapshot: Callable[[], Optional[Snapshot]], request: Callable[[float], Request],
-                 max_hold_ms: float, on_decision: Optional[Callable[[Decision], None]] = None) -> Decision:
+def deciding(router: Router, snapshot: Callable[[], Optional[Snapshot]], request: Callable[[float], Request],
+             max_hold_ms: float, on_decision: Optional[Callable[[Decision], None]] = None
+             ) -> Generator[float, None, Decision]:
     """``router.route`` for one request, as the design guide's HTTP answers say:
     a ``queue`` decision is held ``retry_after_ms`` and decided again (with the wait
     taken out of its budget) up to ``max_hold_ms``, then 429; a shed is 429 with
     ``retry-after``, or 503 when no replica can serve the model at all; an unknown
-    model or version is 404, any other bad field 400. Returns a decision that goes
-    somewhere (serve, overflow, degrade); raises :class:`Reject` otherwise."""
+    model or version is 404, any other bad field 400.
+
+    A generator, so that any transport can hold: it yields the seconds to wait
+    before asking again (an event loop sleeps them with ``asyncio.sleep``, a
+    native stream's thread with ``time.sleep``) and returns a decision that goes
+    somewhere (serve, overflow, degrade); raises :class:`Reject` otherwise.
+    :func:`decide` drives it on an event loop."""
     current = snapshot()
     if current is None:
         raise Reject(503, "no engine signals yet", "unavailable")
@@ -81,7 +87,7 @@ async def decide(router: Router, snapshot: Callable[[], Optional[Snapshot]], req
         wait = float(decision.retry_after_ms or 0)
         if held_ms + wait > max_hold_ms:
             raise Reject(429, "the region is busy; retry", "rate_limit_exceeded", seconds(wait))
-        await asyncio.sleep(wait / 1000.0)
+        yield wait / 1000.0
         held_ms += wait
         current = snapshot() or current
     if decision.action == "shed":
@@ -89,6 +95,17 @@ async def decide(router: Router, snapshot: Callable[[], Optional[Snapshot]], req
             raise Reject(503, f"no replica can serve {decision.request.model!r} now", "unavailable")
         raise Reject(429, f"shed ({decision.reason})", "rate_limit_exceeded", seconds(decision.retry_after_ms or 1000))
     return decision
+
+
+async def decide(router: Router, snapshot: Callable[[], Optional[Snapshot]], request: Callable[[float], Request],
+                 max_hold_ms: float, on_decision: Optional[Callable[[Decision], None]] = None) -> Decision:
+    """:func:`deciding` on an event loop: its holds are ``asyncio.sleep``."""
+    steps = deciding(router, snapshot, request, max_hold_ms, on_decision)
+    try:
+        while True:
+            await asyncio.sleep(next(steps))
+    except StopIteration as done:
+        return done.value
 
 
 def engine_body(body: dict, decision: Decision) -> Optional[dict]:

@@ -37,10 +37,11 @@ does not clear within ``max_hold_ms``), 503 when no replica can serve.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import grpc
 import msgspec
@@ -58,10 +59,11 @@ from ..router import Router
 from ..snapshot import Snapshot
 from ..types import Decision, Request, SignalColumns, Signals
 from .common import (CHARS_PER_TOKEN, ORIGIN_HEADER, PRIORITY_HEADER, SESSION_HEADER, VERSION_HEADER, Reject,
-                     SignalFeed, decide, error_body, host_port)
+                     SignalFeed, deciding, error_body, host_port)
 from .openai_body import BodyError, BodyScanner
 
-__all__ = ["EndpointPicker", "PickerMetrics", "DESTINATION_HEADER", "LB_NAMESPACE"]
+__all__ = ["EndpointPicker", "PickerMetrics", "PickerServer", "DESTINATION_HEADER", "LB_NAMESPACE", "TRANSPORTS",
+           "native_transport"]
 
 log = logging.getLogger("geoserve.envoy")
 
@@ -153,51 +155,95 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self.snapshot = snapshot
 
     # ------------------------------------------------------------ the stream
+    # One mechanism, two transports: _steps() is what the picker does with one
+    # ext_proc message; Process drives it on grpc.aio, native_stream() on the native
+    # server's threads (geoserve._core.extproc), which only move bytes.
+    def _open(self) -> _Exchange:
+        if self.metrics is not None:
+            self.metrics.active.inc()
+        return _Exchange()
+
+    def _close(self, ex: _Exchange) -> None:
+        self._release(ex, ok=True)  # a stream that ends early (client gone) gives its slot back
+        if self.metrics is not None:
+            self.metrics.active.dec()
+
+    def _failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_errors.inc()
+        log.exception("ext_proc stream failed")
+
+    def _steps(self, ex: _Exchange, message) -> Iterator[Any]:
+        """One ext_proc message: yields its answers in order and, while a queue
+        decision is held, the seconds to wait before it is decided again (floats).
+        The stream ends after an immediate response."""
+        kind = message.WhichOneof("request")
+        if message.HasField("protocol_config"):
+            ex.mode = message.protocol_config.request_body_mode
+            ex.response_body_mode = message.protocol_config.response_body_mode
+            if ex.mode == STREAMED and not message.protocol_config.send_body_without_waiting_for_header_response:
+                log.error("ext_proc config: STREAMED needs send_body_without_waiting_for_header_response")
+                yield _immediate(500, "the picker's Envoy config is wrong (see docs/integrations/envoy.md)",
+                                 "server_error")
+                return
+        if kind == "request_body":
+            yield from (yield from self._on_body(ex, message.request_body))  # its holds, then its answers
+        elif kind == "request_headers":
+            yield from self._on_headers(ex, message.request_headers)
+        elif kind == "response_headers":
+            yield self._on_response_headers(ex, message)
+        elif kind == "response_body":
+            if message.response_body.end_of_stream:
+                self._release(ex, ok=True)
+            yield _CONTINUE_RESPONSE_BODY
+        elif kind == "request_trailers":
+            yield _CONTINUE_TRAILERS
+        elif kind == "response_trailers":
+            yield _CONTINUE_RESPONSE_TRAILERS
+
     async def Process(self, request_iterator, context):  # noqa: N802 (the gRPC method's name)
-        ex = _Exchange()
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.active.inc()
+        ex = self._open()
         try:
             async for message in request_iterator:
-                kind = message.WhichOneof("request")
-                if message.HasField("protocol_config"):
-                    ex.mode = message.protocol_config.request_body_mode
-                    ex.response_body_mode = message.protocol_config.response_body_mode
-                    if ex.mode == STREAMED and not message.protocol_config.send_body_without_waiting_for_header_response:
-                        log.error("ext_proc config: STREAMED needs send_body_without_waiting_for_header_response")
-                        yield _immediate(500, "the picker's Envoy config is wrong (see docs/integrations/envoy.md)",
-                                         "server_error")
+                for step in self._steps(ex, message):
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                        continue
+                    yield step
+                    if step.HasField("immediate_response"):
                         return
-                if kind == "request_body":
-                    for response in await self._on_body(ex, message.request_body):
-                        yield response
-                        if response.HasField("immediate_response"):
-                            return
-                elif kind == "request_headers":
-                    for response in self._on_headers(ex, message.request_headers):
-                        yield response
-                        if response.HasField("immediate_response"):
-                            return
-                elif kind == "response_headers":
-                    yield self._on_response_headers(ex, message)
-                elif kind == "response_body":
-                    if message.response_body.end_of_stream:
-                        self._release(ex, ok=True)
-                    yield _CONTINUE_RESPONSE_BODY
-                elif kind == "request_trailers":
-                    yield _CONTINUE_TRAILERS
-                elif kind == "response_trailers":
-                    yield _CONTINUE_RESPONSE_TRAILERS
         except Exception:
-            if metrics is not None:
-                metrics.stream_errors.inc()
-            log.exception("ext_proc stream failed")
+            self._failed()
             raise
         finally:
-            self._release(ex, ok=True)  # a stream that ends early (client gone) gives its slot back
-            if metrics is not None:
-                metrics.active.dec()
+            self._close(ex)
+
+    def native_stream(self) -> Callable[[Optional[bytes]], Optional[tuple[list[bytes], bool]]]:
+        """A handler for one stream of the native transport: serialized
+        ``ProcessingRequest`` in, ``(serialized answers, stream ends)`` out, run on
+        the server's thread for that stream (a hold sleeps there); ``None`` in when
+        the stream has ended."""
+        ex = self._open()
+
+        def handle(data: Optional[bytes]) -> Optional[tuple[list[bytes], bool]]:
+            if data is None:
+                self._close(ex)
+                return None
+            try:
+                answers = []
+                for step in self._steps(ex, pb.ProcessingRequest.FromString(data)):
+                    if isinstance(step, float):
+                        time.sleep(step)
+                        continue
+                    answers.append(step.SerializeToString())
+                    if step.HasField("immediate_response"):
+                        return answers, True
+                return answers, False
+            except Exception:
+                self._failed()
+                raise
+
+        return handle
 
     def _on_headers(self, ex: _Exchange, headers) -> list:
         ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers}
@@ -216,7 +262,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER]))))]
         return []  # held until the body says where to go
 
-    async def _on_body(self, ex: _Exchange, body) -> list:
+    def _on_body(self, ex: _Exchange, body) -> Generator[float, None, list]:
+        """Yields the seconds of a held queue decision, returns the answers."""
         chunk, end = body.body, body.end_of_stream
         if ex.decision is not None and not ex.holding:  # decided: pass the rest through
             if ex.mode == FULL_DUPLEX:
@@ -240,7 +287,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     msgspec.json.decode(bytes(ex.scanner.buffer))
                 except msgspec.DecodeError as err:
                     raise Reject(400, f"the body is not valid JSON: {err}") from None
-            decision = ex.decision if ex.holding else await self._decide(ex)
+            decision = ex.decision if ex.holding else (yield from self._deciding(ex))
         except Reject as reject:
             return [self._reject(reject)]
         ex.decision = decision
@@ -276,11 +323,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             waited_ms=waited_ms,
         )
 
-    async def _decide(self, ex: _Exchange) -> Decision:
+    def _deciding(self, ex: _Exchange) -> Generator[float, None, Decision]:
         metrics = self.metrics
         on_decision = (lambda d: metrics.decisions.labels(d.action, d.reason).inc()) if metrics is not None else None
-        decision = await decide(self.router, lambda: self.snapshot, lambda held: self._request(ex, held),
-                                self.max_hold_ms, on_decision)
+        decision = yield from deciding(self.router, lambda: self.snapshot, lambda held: self._request(ex, held),
+                                       self.max_hold_ms, on_decision)
         if metrics is not None:
             metrics.decide_seconds.observe(time.perf_counter() - ex.started)
         return decision
@@ -399,10 +446,30 @@ def _immediate(status: int, message: str, kind: str = "invalid_request_error", e
 
 
 # ---------------------------------------------------------------- the server
+def native_transport() -> bool:
+    """Whether this install has the native transport (``geoserve._core.extproc``,
+    built where gRPC C++ was found at install time; see setup.py)."""
+    try:
+        from .._core import extproc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRANSPORTS = ("auto", "native", "aio")
+_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
 class PickerServer:
     """The picker with everything around it: a gRPC server (ext_proc and the gRPC
     health service), the engine-signal poller with health hysteresis feeding a new
     snapshot every ``poll_interval_ms``, and Prometheus metrics on ``metrics_port``.
+
+    ``transport``: ``native`` serves the stream on gRPC C++ threads that hand each
+    message to the picker as bytes (``geoserve._core.extproc``; ~4x less CPU per
+    request, docs/integrations/envoy.md); ``aio`` on ``grpc.aio`` in the event
+    loop; ``auto`` (default) takes native where it was built. The picker's logic is
+    the same object either way.
 
     ``await start()`` polls once before it listens, so the first request has a
     snapshot; ``await stop()`` stops everything it started.
@@ -410,7 +477,14 @@ class PickerServer:
 
     def __init__(self, topology, *, region: str, host: str = "127.0.0.1", port: int = 0, policy=None,
                  poll_interval_ms: float = 200.0, poll_timeout_s: float = 0.5, metrics_port: Optional[int] = None,
-                 health_policy=None, **picker_options) -> None:
+                 health_policy=None, transport: str = "auto", **picker_options) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+        if transport == "native" and not native_transport():
+            raise RuntimeError("the native transport is not built in this install: gRPC C++ was not found when "
+                               "geoserve was installed (Debian: apt-get install libgrpc++-dev pkg-config, then "
+                               "reinstall geoserve), or use transport='aio'")
+        self.transport = ("native" if native_transport() else "aio") if transport == "auto" else transport
         self.router = Router(topology, policy)
         self.metrics = PickerMetrics()
         self.picker = EndpointPicker(self.router, region=region, metrics=self.metrics, **picker_options)
@@ -419,21 +493,32 @@ class PickerServer:
         self.health = self.feed.health
         self.host, self.port = host, port
         self.metrics_port = metrics_port
-        self._server: Optional[grpc.aio.Server] = None
+        self._server = None  # grpc.aio.Server or the native NativeServer
         self._metrics_server = None
 
     async def start(self) -> int:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
         await self.feed.start()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
-        self.health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
-        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
-        await server.start()
-        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
-            await self.health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # room for a body of max_body_bytes in one message (BUFFERED), and the rest of the message
+        max_message = self.picker.max_body_bytes + (64 << 10)
+        if self.transport == "native":
+            from .._core.extproc import NativeServer
+
+            server = NativeServer(self.picker.native_stream)
+            self.port = server.start(self.host, self.port, max_message)
+            for service in ("", _SERVICE):
+                server.set_serving(service, True)
+        else:
+            from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                              ("grpc.max_receive_message_length", max_message)])
+            pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+            self.health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+            self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+            await server.start()
+            for service in ("", _SERVICE):
+                await self.health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         if self.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -444,9 +529,12 @@ class PickerServer:
 
     async def stop(self) -> None:
         await self.feed.stop()
-        if self._server is not None:
-            await self._server.stop(grace=0.5)
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            if self.transport == "native":  # waits for its streams' handlers, off the event loop
+                await asyncio.get_running_loop().run_in_executor(None, server.stop, 0.5)
+            else:
+                await server.stop(grace=0.5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -1,0 +1,190 @@
+// The native transport of the Envoy endpoint picker: a gRPC C++ server (sync API)
+// that serves /envoy.service.ext_proc.v3.ExternalProcessor/Process as raw bytes
+// and the standard gRPC health service. It knows nothing of ext_proc's messages:
+// per stream it asks the Python factory for a handler, hands it every message as
+// bytes (with the GIL, taken only around that call) and writes back the bytes it
+// answers. All of the picker's logic stays in geoserve.integrations.envoy, shared
+// with the pure-Python (grpc.aio) transport; this file only moves bytes.
+//
+// The handler contract: handler(bytes) -> (list[bytes], bool done): the answers in
+// order, and whether the stream ends after them (an immediate response);
+// handler(None) once when the stream ends, however it ends. A handler that raises
+// ends its stream with INTERNAL (the exception is reported by Python's
+// sys.unraisablehook, which the handler normally never reaches: it catches its own).
+#pragma once
+
+#include <Python.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/rpc_service_method.h>
+#include <grpcpp/support/method_handler.h>
+
+namespace geoserve {
+
+using RawStream = grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
+
+// The GIL for one stream: its thread state lives as long as the stream; the GIL is
+// held only between take() and give().
+class StreamGil {
+ public:
+  StreamGil() : state_(PyGILState_Ensure()), saved_(PyEval_SaveThread()) {}
+  ~StreamGil() {
+    if (saved_ != nullptr) PyEval_RestoreThread(saved_);
+    PyGILState_Release(state_);
+  }
+  void take() {
+    PyEval_RestoreThread(saved_);
+    saved_ = nullptr;
+  }
+  void give() { saved_ = PyEval_SaveThread(); }
+
+ private:
+  PyGILState_STATE state_;
+  PyThreadState* saved_;  // null while this thread holds the GIL
+};
+
+class RawProcessor final : public grpc::Service {
+ public:
+  explicit RawProcessor(PyObject* factory) : factory_(factory) {
+    AddMethod(new grpc::internal::RpcServiceMethod(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process", grpc::internal::RpcMethod::BIDI_STREAMING,
+        new grpc::internal::BidiStreamingHandler<RawProcessor, grpc::ByteBuffer, grpc::ByteBuffer>(
+            [](RawProcessor* self, grpc::ServerContext*, RawStream* stream) { return self->Process(stream); },
+            this)));
+  }
+
+  grpc::Status Process(RawStream* stream) {
+    StreamGil gil;
+    gil.take();
+    PyObject* handler = PyObject_CallNoArgs(factory_);
+    if (handler == nullptr) {
+      PyErr_WriteUnraisable(factory_);
+      gil.give();
+      return grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker could not open the stream");
+    }
+    gil.give();
+    grpc::Status status = grpc::Status::OK;
+    grpc::ByteBuffer in;
+    std::vector<grpc::Slice> slices;
+    std::vector<grpc::ByteBuffer> out;
+    bool done = false;
+    while (!done && stream->Read(&in)) {
+      slices.clear();
+      out.clear();
+      if (!in.Dump(&slices).ok()) {
+        status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: unreadable message");
+        break;
+      }
+      gil.take();
+      bool ok = Call(handler, slices, in.Length(), &out, &done);
+      gil.give();
+      if (!ok) {
+        status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker failed on this stream");
+        break;
+      }
+      for (const auto& answer : out) {
+        if (!stream->Write(answer)) {
+          done = true;
+          break;
+        }
+      }
+    }
+    gil.take();
+    PyObject* closed = PyObject_CallOneArg(handler, Py_None);
+    if (closed == nullptr) PyErr_WriteUnraisable(handler);
+    Py_XDECREF(closed);
+    Py_DECREF(handler);
+    return status;  // gil's destructor gives the GIL back and drops the thread state
+  }
+
+ private:
+  // One message through the handler; false if it raised or answered nonsense.
+  static bool Call(PyObject* handler, const std::vector<grpc::Slice>& slices, size_t length,
+                   std::vector<grpc::ByteBuffer>* out, bool* done) {
+    PyObject* data = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(length));
+    if (data == nullptr) {
+      PyErr_WriteUnraisable(handler);
+      return false;
+    }
+    char* at = PyBytes_AS_STRING(data);
+    for (const auto& slice : slices) {
+      memcpy(at, slice.begin(), slice.size());
+      at += slice.size();
+    }
+    PyObject* result = PyObject_CallOneArg(handler, data);
+    Py_DECREF(data);
+    bool ok = result != nullptr && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2 &&
+              PyList_Check(PyTuple_GET_ITEM(result, 0));
+    if (ok) {
+      PyObject* answers = PyTuple_GET_ITEM(result, 0);
+      for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(answers); ++i) {
+        PyObject* answer = PyList_GET_ITEM(answers, i);
+        if (!PyBytes_Check(answer)) {
+          ok = false;
+          break;
+        }
+        grpc::Slice slice(PyBytes_AS_STRING(answer), static_cast<size_t>(PyBytes_GET_SIZE(answer)));
+        out->emplace_back(&slice, 1);
+      }
+      *done = PyObject_IsTrue(PyTuple_GET_ITEM(result, 1)) == 1;
+    }
+    if (!ok) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a picker handler answers (list[bytes], bool)");
+      PyErr_WriteUnraisable(handler);
+    }
+    Py_XDECREF(result);
+    return ok;
+  }
+
+  PyObject* factory_;  // borrowed: the Python owner keeps it alive while the server runs
+};
+
+// The server: ext_proc's Process as raw bytes plus gRPC's default health service.
+class PumpServer {
+ public:
+  explicit PumpServer(PyObject* factory) : service_(factory) {}
+
+  // Listens on host:port (0: any free port); returns the bound port, 0 on failure.
+  int Start(const std::string& host, int port, int max_message_bytes, int max_pollers) {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder builder;
+    int bound = 0;
+    builder.AddListeningPort(host + ":" + std::to_string(port), grpc::InsecureServerCredentials(), &bound);
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    builder.SetMaxReceiveMessageSize(max_message_bytes);
+    builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, 1);
+    builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, max_pollers);
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    if (server_ == nullptr || bound == 0) {
+      server_.reset();
+      return 0;
+    }
+    return bound;
+  }
+
+  void SetServing(const std::string& service, bool serving) {
+    if (server_ != nullptr && server_->GetHealthCheckService() != nullptr)
+      server_->GetHealthCheckService()->SetServingStatus(service, serving);
+  }
+
+  // Stops listening, cancels the streams still open after grace_ms and waits for
+  // their handlers to return. Call without the GIL: the handlers need it to finish.
+  void Stop(int grace_ms) {
+    if (server_ == nullptr) return;
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(grace_ms));
+    server_->Wait();
+    server_.reset();
+  }
+
+ private:
+  RawProcessor service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+}  // namespace geoserve
