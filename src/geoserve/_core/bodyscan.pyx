@@ -55,13 +55,27 @@ cdef inline bint scalar_byte(unsigned char c) noexcept nogil:
     return not (c == 0x2C or c == 0x7D or c == 0x5D or c == 0x20 or (0x09 <= c <= 0x0D))
 
 
-cdef object key_of(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end):
-    # the twin's _decode_string, without json.loads for a plain printable-ASCII key
+cdef object string_of(const unsigned char* buf, Py_ssize_t start, Py_ssize_t end):
+    # the twin's _decode_string of a complete string token, without json.loads when
+    # it is plain printable ASCII (no escapes: what json.loads would return as is)
     cdef Py_ssize_t i
     for i in range(start + 1, end - 1):
         if buf[i] < 0x20 or buf[i] > 0x7E or buf[i] == 0x5C:
-            return _decode_string(bytes(buf[start:end]))
+            return _decode_string(<bytes>buf[start:end])
     return (<bytes>buf[start + 1:end - 1]).decode("ascii")
+
+
+cdef object integer_of(bytes raw):
+    # json.loads of a scalar token, without it for plain digits (no sign, no
+    # leading zero: where json.loads gives int(raw))
+    cdef Py_ssize_t i, n = len(raw)
+    cdef const unsigned char* p = raw
+    if 0 < n <= 18 and (p[0] != 0x30 or n == 1):
+        for i in range(n):
+            if not 0x30 <= p[i] <= 0x39:
+                return json.loads(raw)
+        return int(raw)
+    return json.loads(raw)
 
 
 cdef class BodyScanner:
@@ -156,7 +170,7 @@ cdef class BodyScanner:
                 if stop < 0:
                     self.pos = pos
                     return 0  # the key is still arriving
-                self.key = key_of(buf, pos, stop)
+                self.key = string_of(buf, pos, stop)
                 self.pos, self.state = stop, COLON
             elif self.state == COLON:
                 if c != 0x3A:  # :
@@ -226,14 +240,14 @@ cdef class BodyScanner:
             if key == "model":
                 if buf[start] != 0x22:
                     raise BodyError("model must be a string")
-                self.model = _decode_string(raw)
+                self.model = string_of(buf, start, end)
                 self.model_span = (start, end)
             elif key in PROMPTS:
                 if self.prompt_span is not None and self.prompt_span[0] == start:
                     self.prompt_span = (start, end)
             elif raw != b"null":
                 try:
-                    value = json.loads(raw)
+                    value = integer_of(raw)
                 except ValueError:
                     raise BodyError(f"{key} must be an integer") from None
                 if type(value) is not int or value < 1:

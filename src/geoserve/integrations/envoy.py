@@ -75,6 +75,7 @@ STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
@@ -137,6 +138,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self.snapshot: Optional[Snapshot] = None
         self._indexed = None
         self._replica_at: dict[str, str] = {}
+        self._routed: dict[tuple, Any] = {}  # (endpoint, fallbacks) -> the headers answer that routes there
+        self._stamps: dict[str, Any] = {}  # version -> the response headers answer that stamps it
 
     def replica_at(self, address: str) -> Optional[str]:
         """The replica id behind an upstream address (for the served replica)."""
@@ -349,16 +352,22 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         return sorted(edits, reverse=True)
 
     def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
-        primary = host_port(decision.endpoint)
-        hosts = [primary] + [host_port(e) for e in decision.fallback_endpoints]
-        set_headers = [_header(DESTINATION_HEADER, primary)]
         edits = self._edits(ex, decision)
+        if not edits and ex.mode == STREAMED:  # the common answer: the same for every request to these hosts
+            routed = (decision.endpoint, decision.fallback_endpoints)
+            answer = self._routed.get(routed)
+            if answer is None:
+                if len(self._routed) >= 4096:  # bounded: fallback orders vary
+                    self._routed.clear()
+                mutation, metadata = self._destination(decision)
+                answer = self._routed[routed] = pb.ProcessingResponse(
+                    request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)
+            owed, ex.owed = ex.owed, []
+            return [answer] + [_CONTINUE_BODY] * len(owed)
+        content_length = None
         if edits and ex.content_length is not None:
-            grown = sum(len(new) - (end - start) for start, end, new in edits)
-            set_headers.append(_header("content-length", str(ex.content_length + grown)))
-        mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
-        metadata = struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=struct_pb2.Struct(
-            fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
+            content_length = ex.content_length + sum(len(new) - (end - start) for start, end, new in edits)
+        mutation, metadata = self._destination(decision, content_length)
         owed, ex.owed = ex.owed, []
         body = b"".join(c for c, _ in owed)
         for start, stop, new in edits:  # last first: earlier offsets stay valid
@@ -371,14 +380,27 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         answers = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)]
         if ex.mode == FULL_DUPLEX:
             answers.append(_echo(body, end))
-        elif not edits:
-            answers.extend(_CONTINUE_BODY for _ in owed)
-        else:  # the rewritten bytes replace the first owed chunk, the others are emptied
+        else:  # STREAMED with edits: the rewritten bytes replace the first owed chunk, the others are emptied
             answers.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
                 body_mutation=pb.BodyMutation(body=body)))))
             answers.extend(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
                 body_mutation=pb.BodyMutation(clear_body=True)))) for _ in owed[1:])
         return answers
+
+    @staticmethod
+    def _destination(decision: Decision, content_length: Optional[int] = None) -> tuple:
+        """The header mutation and ``envoy.lb`` metadata that send a request to
+        ``decision``'s endpoint (fallbacks in the metadata), with a new
+        content-length when the body was edited."""
+        primary = host_port(decision.endpoint)
+        hosts = [primary] + [host_port(e) for e in decision.fallback_endpoints]
+        set_headers = [_header(DESTINATION_HEADER, primary)]
+        if content_length is not None:
+            set_headers.append(_header("content-length", str(content_length)))
+        mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
+        metadata = struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=struct_pb2.Struct(
+            fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
+        return mutation, metadata
 
     def _reject(self, reject: Reject):
         if self.metrics is not None:
@@ -400,9 +422,13 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if ex.response_body_mode == _MODES.NONE or message.response_headers.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
         if decision is None or decision.version is None:
-            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(set_headers=[_header(VERSION_HEADER, decision.version)]))))
+            return _CONTINUE_RESPONSE_HEADERS
+        stamp = self._stamps.get(decision.version)
+        if stamp is None:
+            stamp = self._stamps[decision.version] = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
+                    set_headers=[_header(VERSION_HEADER, decision.version)]))))
+        return stamp
 
     def _release(self, ex: _Exchange, ok: bool, replica: Optional[str] = None) -> None:
         if ex.released or ex.decision is None:
