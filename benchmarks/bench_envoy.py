@@ -186,7 +186,8 @@ def main() -> int:
     parser.add_argument("--transports", default="native,aio", help="geoserve pickers to run (native, aio)")
     parser.add_argument("--variants", default="noresp", help="listeners per picker besides the doc's config: "
                         "comma-separated of noresp, end, buffered, duplex ('' for none)")
-    parser.add_argument("--phases", type=int, default=5, help="the first N phases only (2: latency only)")
+    parser.add_argument("--phases", default="1,2,3,4,5", help="which phases, 1-based (1,2: latency only; "
+                        "4,5: the 220 KB prompts)")
     parser.add_argument("--floor", action="store_true", help="with --picker-command: also the one-exchange "
                         "listeners (request headers only; Envoy's and the Google gRPC client)")
     parser.add_argument("--picker-command", help="also run this ext_proc server as the picker 'cmd' (a spike): "
@@ -227,7 +228,8 @@ def main() -> int:
         print("listeners:", ", ".join(f"{t} :{p}" for t, p in targets.items()), flush=True)
         results = []
         with EnvoyProcess(config, admin, binary) as envoy:
-            for name, concurrency, count, body_of, first_byte in phases(args.quick)[:args.phases]:
+            chosen = [phases(args.quick)[int(k) - 1] for k in args.phases.split(",")]
+            for name, concurrency, count, body_of, first_byte in chosen:
                 runs: dict[str, list] = {t: [] for t in targets}
                 for _ in range(args.rounds):
                     for target, port in targets.items():

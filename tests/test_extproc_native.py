@@ -86,6 +86,16 @@ def test_done_ends_the_stream_after_its_answers(serve):
     assert rec.streams[0][-1] is None and b"never read" not in rec.streams[0]
 
 
+def test_a_standing_answer_is_given_without_the_handler(serve):
+    """After a handler names a standing answer, messages that start with its byte
+    are answered by the transport; others still reach the handler, in order."""
+    rec = Recorder(lambda data: ([b"seen:" + data], False, (ord("B"), b"ack") if data == b"decided" else None))
+    _, call, _ = serve(rec)
+    got = list(call(iter([b"Bbefore", b"decided", b"B1", b"B2", b"other", b"B3"])))
+    assert got == [b"seen:Bbefore", b"seen:decided", b"ack", b"ack", b"seen:other", b"ack"]
+    assert rec.streams == [[b"Bbefore", b"decided", b"other", None]]
+
+
 def test_a_large_message_arrives_whole(serve):
     big = os.urandom(3 << 20)  # bigger than a gRPC frame or slice: reassembled
     _, call, _ = serve(Recorder(lambda data: ([data[::-1]], False)))
@@ -96,6 +106,8 @@ def test_a_large_message_arrives_whole(serve):
     lambda data: 1 / 0,  # raises
     lambda data: "not a tuple",
     lambda data: (["str, not bytes"], False),
+    lambda data: ([], False, (300, b"x")),  # a standing answer's byte out of range
+    lambda data: ([], False, ("B", b"x")),
 ])
 def test_a_failing_handler_ends_its_stream_with_internal_and_is_still_closed(serve, behaviour, reported):
     rec = Recorder(behaviour)

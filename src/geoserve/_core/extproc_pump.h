@@ -6,11 +6,15 @@
 // answers. All of the picker's logic stays in geoserve.integrations.envoy, shared
 // with the pure-Python (grpc.aio) transport; this file only moves bytes.
 //
-// The handler contract: handler(bytes) -> (list[bytes], bool done): the answers in
-// order, and whether the stream ends after them (an immediate response);
-// handler(None) once when the stream ends, however it ends. A handler that raises
-// ends its stream with INTERNAL (the exception is reported by Python's
-// sys.unraisablehook, which the handler normally never reaches: it catches its own).
+// The handler contract: handler(bytes) -> (list[bytes], bool done[, standing]): the
+// answers in order, whether the stream ends after them (an immediate response),
+// and optionally a standing answer, (first byte, bytes) or None: from then on
+// every message that starts with that byte is answered with those bytes without
+// calling the handler (the picker's acknowledgement of body chunks after it has
+// decided: a message's first byte is its first field's tag); handler(None) once
+// when the stream ends, however it ends. A handler that raises ends its stream with
+// INTERNAL (the exception is reported by Python's sys.unraisablehook; the picker's
+// handler catches and counts its own first).
 #pragma once
 
 #include <Python.h>
@@ -72,6 +76,7 @@ class RawProcessor final : public grpc::Service {
     grpc::ByteBuffer in;
     std::vector<grpc::Slice> slices;
     std::vector<grpc::ByteBuffer> out;
+    Standing standing;
     bool done = false;
     while (!done && stream->Read(&in)) {
       slices.clear();
@@ -80,8 +85,12 @@ class RawProcessor final : public grpc::Service {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: unreadable message");
         break;
       }
+      if (standing.tag >= 0 && !slices.empty() && slices[0].size() > 0 && slices[0].begin()[0] == standing.tag) {
+        if (!stream->Write(standing.answer)) break;
+        continue;
+      }
       gil.take();
-      bool ok = Call(handler, slices, in.Length(), &out, &done);
+      bool ok = Call(handler, slices, in.Length(), &out, &done, &standing);
       gil.give();
       if (!ok) {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker failed on this stream");
@@ -103,9 +112,14 @@ class RawProcessor final : public grpc::Service {
   }
 
  private:
+  struct Standing {
+    int tag = -1;  // none
+    grpc::ByteBuffer answer;
+  };
+
   // One message through the handler; false if it raised or answered nonsense.
   static bool Call(PyObject* handler, const std::vector<grpc::Slice>& slices, size_t length,
-                   std::vector<grpc::ByteBuffer>* out, bool* done) {
+                   std::vector<grpc::ByteBuffer>* out, bool* done, Standing* standing) {
     PyObject* data = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(length));
     if (data == nullptr) {
       PyErr_WriteUnraisable(handler);
@@ -118,7 +132,8 @@ class RawProcessor final : public grpc::Service {
     }
     PyObject* result = PyObject_CallOneArg(handler, data);
     Py_DECREF(data);
-    bool ok = result != nullptr && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2 &&
+    bool ok = result != nullptr && PyTuple_Check(result) &&
+              (PyTuple_GET_SIZE(result) == 2 || PyTuple_GET_SIZE(result) == 3) &&
               PyList_Check(PyTuple_GET_ITEM(result, 0));
     if (ok) {
       PyObject* answers = PyTuple_GET_ITEM(result, 0);
@@ -132,13 +147,29 @@ class RawProcessor final : public grpc::Service {
         out->emplace_back(&slice, 1);
       }
       *done = PyObject_IsTrue(PyTuple_GET_ITEM(result, 1)) == 1;
+      if (ok && PyTuple_GET_SIZE(result) == 3 && PyTuple_GET_ITEM(result, 2) != Py_None)
+        ok = SetStanding(PyTuple_GET_ITEM(result, 2), standing);
     }
     if (!ok) {
-      if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a picker handler answers (list[bytes], bool)");
+      if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "a picker handler answers (list[bytes], bool[, (int, bytes) | None])");
       PyErr_WriteUnraisable(handler);
     }
     Py_XDECREF(result);
     return ok;
+  }
+
+  static bool SetStanding(PyObject* spec, Standing* standing) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2 || !PyLong_Check(PyTuple_GET_ITEM(spec, 0)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(spec, 1)))
+      return false;
+    long tag = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+    if (tag < 0 || tag > 255) return false;
+    PyObject* answer = PyTuple_GET_ITEM(spec, 1);
+    grpc::Slice slice(PyBytes_AS_STRING(answer), static_cast<size_t>(PyBytes_GET_SIZE(answer)));
+    standing->tag = static_cast<int>(tag);
+    standing->answer = grpc::ByteBuffer(&slice, 1);
+    return true;
   }
 
   PyObject* factory_;  // borrowed: the Python owner keeps it alive while the server runs

@@ -75,6 +75,9 @@ STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+# A request_body message's first byte (field 4, length-delimited) and the answer to
+# every body chunk after the decision: the native transport's standing answer.
+_STANDING_BODY = (4 << 3 | 2, _CONTINUE_BODY.SerializeToString())
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
@@ -221,14 +224,17 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         finally:
             self._close(ex)
 
-    def native_stream(self) -> Callable[[Optional[bytes]], Optional[tuple[list[bytes], bool]]]:
+    def native_stream(self) -> Callable[[Optional[bytes]], Optional[tuple]]:
         """A handler for one stream of the native transport: serialized
-        ``ProcessingRequest`` in, ``(serialized answers, stream ends)`` out, run on
-        the server's thread for that stream (a hold sleeps there); ``None`` in when
-        the stream has ended."""
+        ``ProcessingRequest`` in, ``(serialized answers, stream ends, standing
+        answer)`` out, run on the server's thread for that stream (a hold sleeps
+        there); ``None`` in when the stream has ended. Once the picker has decided
+        a ``STREAMED``/``BUFFERED`` request, the rest of its body chunks get the
+        standing answer (an acknowledgement, what ``_on_body`` answers them) from
+        the transport itself, without a call into Python per chunk."""
         ex = self._open()
 
-        def handle(data: Optional[bytes]) -> Optional[tuple[list[bytes], bool]]:
+        def handle(data: Optional[bytes]) -> Optional[tuple]:
             if data is None:
                 self._close(ex)
                 return None
@@ -240,8 +246,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                         continue
                     answers.append(step.SerializeToString())
                     if step.HasField("immediate_response"):
-                        return answers, True
-                return answers, False
+                        return answers, True, None
+                passing = ex.decision is not None and not ex.holding and ex.mode != FULL_DUPLEX
+                return answers, False, _STANDING_BODY if passing else None
             except Exception:
                 self._failed()
                 raise
