@@ -23,10 +23,11 @@ drift of the shared machine hits all alike. Reported: latency p50/p99 at
 concurrency 1 and 8 (short prompts), the throughput ceiling (concurrency 32), and
 time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the load
 that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
-Bounded: every phase has a request count. ``--picker-command`` adds another
-ext_proc server as a picker named ``cmd`` (the fixed-answer spike of
-benchmarks/spikes/extproc_native); ``--floor`` adds listeners that cost it one
-exchange per request (what the protocol costs).
+Bounded: every phase has a request count. ``--picker-command [NAME=]CMD`` adds
+another ext_proc server as a picker (``cmd`` unless named; repeatable): the
+fixed-answer spikes of benchmarks/spikes - ``extproc_native`` (C++) and
+``naive_picker`` (grpc.aio, the issue's "naive Python picker"); ``--floor`` adds
+listeners that cost them one exchange per request (what the protocol costs).
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def main() -> int:
                         "4,5: the 220 KB prompts)")
     parser.add_argument("--floor", action="store_true", help="with --picker-command: also the one-exchange "
                         "listeners (request headers only; Envoy's and the Google gRPC client)")
-    parser.add_argument("--picker-command", help="also run this ext_proc server as the picker 'cmd' (a spike): "
+    parser.add_argument("--picker-command", action="append", default=[], metavar="[NAME=]COMMAND",
+                        help="also run this ext_proc server as a picker (a spike; NAME defaults to cmd; repeatable): "
                         "{port} and {destination} are filled in, it prints a line once it listens")
     args = parser.parse_args()
     binary = find_envoy()
@@ -201,22 +203,23 @@ def main() -> int:
     transports = [t for t in args.transports.split(",") if t]
     variants = [""] + [v for v in args.variants.split(",") if v]
     replica_port, listen, plain_port, admin = (free_port() for _ in range(4))
-    pickers = {t: free_port() for t in transports + (["cmd"] if args.picker_command else [])}
+    commands = dict(c.split("=", 1) if "=" in c.split(" ", 1)[0] else ("cmd", c) for c in args.picker_command)
+    pickers = {t: free_port() for t in transports + list(commands)}
     listeners = {}
     for picker, picker_port in pickers.items():
         for variant in variants:
             listeners[f"{picker}-{variant}" if variant else picker] = (free_port(), VARIANTS[variant], picker_port)
-        if picker == "cmd" and args.floor:
+        if picker in commands and args.floor:
             for name, edits in FLOOR.items():
-                listeners[f"cmd-{name}"] = (free_port(), edits, picker_port)
+                listeners[f"{picker}-{name}"] = (free_port(), edits, picker_port)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         fleet = Path(tmp) / "fleet.toml"
         fleet.write_text(fast_fleet_toml(replica_port))  # the router predicts with the replica's own speed
         stack.enter_context(geoserve_process("fake-replica", "--port", str(replica_port), "--speed", "1000",
                                              "--slots", "512", "--id", "r0"))
         for picker, picker_port in pickers.items():
-            if picker == "cmd":
-                stack.enter_context(banner_process(shlex.split(args.picker_command.format(
+            if picker in commands:
+                stack.enter_context(banner_process(shlex.split(commands[picker].format(
                     port=picker_port, destination=f"127.0.0.1:{replica_port}"))))
             else:
                 stack.enter_context(geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port",
