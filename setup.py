@@ -66,6 +66,7 @@ if flags is not None:
         "geoserve._core.extproc",
         ["src/geoserve/_core/extproc.pyx"],
         include_dirs=["src/geoserve/_core"],
+        depends=["src/geoserve/_core/extproc_pump.h"],
         extra_compile_args=["-O2", "-std=c++17", *cflags],
         extra_link_args=libs,
         language="c++",

@@ -90,16 +90,22 @@ class BytesStream:
         self.handle = p.native_stream()
         self.answers: list = []
         self.done = False
-        self.standing = None  # (first byte, answer): answered by the transport, as extproc_pump.h does
+        self.standing: dict = {}  # first byte -> (answer, notify): answered by the transport, as extproc_pump.h does
+        self.answered_by_transport = 0
 
     async def send(self, message) -> list:
         assert not self.done, "the picker had ended this stream"
         data = message.SerializeToString()
-        if self.standing is not None and data[:1] == bytes([self.standing[0]]):
-            out = [self.standing[1]]
+        standing = self.standing.get(data[0])
+        if standing is not None and not standing[1]:
+            out = [standing[0]]
         else:
-            out, self.done, standing = self.handle(data)
-            self.standing = standing or self.standing
+            out, self.done, *more = self.handle(data)
+            for tag, answer, notify in (more[0] or () if more else ()):
+                self.standing[tag] = (answer, notify)
+            if standing is not None:  # notified after the transport's answer: the picker's must be the same
+                assert out == [standing[0]]
+        self.answered_by_transport += standing is not None
         answers = [pb.ProcessingResponse.FromString(a) for a in out]
         self.answers.extend(answers)
         return [a.WhichOneof("response") for a in answers]
@@ -137,7 +143,7 @@ def test_decides_on_the_first_chunks_of_a_long_body_and_acks_the_rest(Stream):
         for i in range(8192, len(body), 16384):
             assert await s.send(chunk(body[i:i + 16384], i + 16384 >= len(body))) == ["request_body"]
         if isinstance(s, BytesStream):  # the rest was acknowledged by the transport, not the picker
-            assert s.standing is not None
+            assert s.answered_by_transport == len(range(8192, len(body), 16384))
         await s.close()
 
     asyncio.run(run())

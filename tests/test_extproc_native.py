@@ -86,14 +86,29 @@ def test_done_ends_the_stream_after_its_answers(serve):
     assert rec.streams[0][-1] is None and b"never read" not in rec.streams[0]
 
 
-def test_a_standing_answer_is_given_without_the_handler(serve):
-    """After a handler names a standing answer, messages that start with its byte
-    are answered by the transport; others still reach the handler, in order."""
-    rec = Recorder(lambda data: ([b"seen:" + data], False, (ord("B"), b"ack") if data == b"decided" else None))
+def test_standing_answers_are_given_without_the_handler_or_before_it(serve):
+    """After a handler names standing answers, messages that start with their byte
+    are answered by the transport: without the handler, or (notify) with the
+    handler called after the answer has gone, its own answers dropped; other
+    messages still reach the handler, in order."""
+    def behaviour(data):
+        if data == b"decided":
+            return [b"seen:" + data], False, ((ord("B"), b"ack", False), (ord("N"), b"early", True))
+        return [b"seen:" + data], False
+
+    rec = Recorder(behaviour)
     _, call, _ = serve(rec)
-    got = list(call(iter([b"Bbefore", b"decided", b"B1", b"B2", b"other", b"B3"])))
-    assert got == [b"seen:Bbefore", b"seen:decided", b"ack", b"ack", b"seen:other", b"ack"]
-    assert rec.streams == [[b"Bbefore", b"decided", b"other", None]]
+    got = list(call(iter([b"Bbefore", b"decided", b"B1", b"N1", b"B2", b"other", b"N2"])))
+    assert got == [b"seen:Bbefore", b"seen:decided", b"ack", b"early", b"ack", b"seen:other", b"early"]
+    assert rec.streams == [[b"Bbefore", b"decided", b"N1", b"other", b"N2", None]]
+
+
+def test_a_later_standing_answer_replaces_one_for_the_same_byte(serve):
+    def behaviour(data):
+        return [], False, ((ord("B"), data.upper(), False),)
+
+    _, call, _ = serve(Recorder(behaviour))
+    assert list(call(iter([b"x", b"B1", b"y", b"B2"]))) == [b"X", b"Y"]
 
 
 def test_a_large_message_arrives_whole(serve):
@@ -106,8 +121,9 @@ def test_a_large_message_arrives_whole(serve):
     lambda data: 1 / 0,  # raises
     lambda data: "not a tuple",
     lambda data: (["str, not bytes"], False),
-    lambda data: ([], False, (300, b"x")),  # a standing answer's byte out of range
-    lambda data: ([], False, ("B", b"x")),
+    lambda data: ([], False, ((300, b"x", False),)),  # a standing answer's byte out of range
+    lambda data: ([], False, (("B", b"x", False),)),
+    lambda data: ([], False, (66, b"x", False)),  # not a tuple of them
 ])
 def test_a_failing_handler_ends_its_stream_with_internal_and_is_still_closed(serve, behaviour, reported):
     rec = Recorder(behaviour)

@@ -8,13 +8,18 @@
 //
 // The handler contract: handler(bytes) -> (list[bytes], bool done[, standing]): the
 // answers in order, whether the stream ends after them (an immediate response),
-// and optionally a standing answer, (first byte, bytes) or None: from then on
-// every message that starts with that byte is answered with those bytes without
-// calling the handler (the picker's acknowledgement of body chunks after it has
-// decided: a message's first byte is its first field's tag); handler(None) once
-// when the stream ends, however it ends. A handler that raises ends its stream with
-// INTERNAL (the exception is reported by Python's sys.unraisablehook; the picker's
-// handler catches and counts its own first).
+// and optionally standing answers: a tuple of (first byte, answer bytes, notify),
+// each replacing an earlier one for that byte. From then on a message that starts
+// with that byte (its first field's tag: in ext_proc, which part of the HTTP
+// exchange it carries) is answered with those bytes at once, without the GIL; with
+// notify the handler gets the message after the answer has gone (and its answers
+// to it are dropped: they must be the standing answer), else not at all. The
+// picker uses it for what does not depend on a message's content once it has
+// decided: acknowledging body chunks, and answering the response headers (the
+// version stamp) while it releases its router state off Envoy's critical path.
+// handler(None) once when the stream ends, however it ends. A handler that raises
+// ends its stream with INTERNAL (the exception is reported by Python's
+// sys.unraisablehook; the picker's handler catches and counts its own first).
 #pragma once
 
 #include <Python.h>
@@ -76,7 +81,7 @@ class RawProcessor final : public grpc::Service {
     grpc::ByteBuffer in;
     std::vector<grpc::Slice> slices;
     std::vector<grpc::ByteBuffer> out;
-    Standing standing;
+    std::vector<Standing> standing;
     bool done = false;
     while (!done && stream->Read(&in)) {
       slices.clear();
@@ -85,9 +90,10 @@ class RawProcessor final : public grpc::Service {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: unreadable message");
         break;
       }
-      if (standing.tag >= 0 && !slices.empty() && slices[0].size() > 0 && slices[0].begin()[0] == standing.tag) {
-        if (!stream->Write(standing.answer)) break;
-        continue;
+      const Standing* answered = Find(standing, slices);
+      if (answered != nullptr) {
+        if (!stream->Write(answered->answer)) break;
+        if (!answered->notify) continue;
       }
       gil.take();
       bool ok = Call(handler, slices, in.Length(), &out, &done, &standing);
@@ -96,6 +102,7 @@ class RawProcessor final : public grpc::Service {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker failed on this stream");
         break;
       }
+      if (answered != nullptr) continue;  // notified: answered already
       for (const auto& answer : out) {
         if (!stream->Write(answer)) {
           done = true;
@@ -113,13 +120,22 @@ class RawProcessor final : public grpc::Service {
 
  private:
   struct Standing {
-    int tag = -1;  // none
+    int tag;
+    bool notify;
     grpc::ByteBuffer answer;
   };
 
+  static const Standing* Find(const std::vector<Standing>& standing, const std::vector<grpc::Slice>& slices) {
+    if (standing.empty() || slices.empty() || slices[0].size() == 0) return nullptr;
+    int tag = slices[0].begin()[0];
+    for (const auto& s : standing)
+      if (s.tag == tag) return &s;
+    return nullptr;
+  }
+
   // One message through the handler; false if it raised or answered nonsense.
   static bool Call(PyObject* handler, const std::vector<grpc::Slice>& slices, size_t length,
-                   std::vector<grpc::ByteBuffer>* out, bool* done, Standing* standing) {
+                   std::vector<grpc::ByteBuffer>* out, bool* done, std::vector<Standing>* standing) {
     PyObject* data = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(length));
     if (data == nullptr) {
       PyErr_WriteUnraisable(handler);
@@ -152,23 +168,36 @@ class RawProcessor final : public grpc::Service {
     }
     if (!ok) {
       if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_TypeError, "a picker handler answers (list[bytes], bool[, (int, bytes) | None])");
+        PyErr_SetString(PyExc_TypeError,
+                        "a picker handler answers (list[bytes], bool[, tuple[(int, bytes, bool), ...] | None])");
       PyErr_WriteUnraisable(handler);
     }
     Py_XDECREF(result);
     return ok;
   }
 
-  static bool SetStanding(PyObject* spec, Standing* standing) {
-    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2 || !PyLong_Check(PyTuple_GET_ITEM(spec, 0)) ||
-        !PyBytes_Check(PyTuple_GET_ITEM(spec, 1)))
-      return false;
-    long tag = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
-    if (tag < 0 || tag > 255) return false;
-    PyObject* answer = PyTuple_GET_ITEM(spec, 1);
-    grpc::Slice slice(PyBytes_AS_STRING(answer), static_cast<size_t>(PyBytes_GET_SIZE(answer)));
-    standing->tag = static_cast<int>(tag);
-    standing->answer = grpc::ByteBuffer(&slice, 1);
+  static bool SetStanding(PyObject* specs, std::vector<Standing>* standing) {
+    if (!PyTuple_Check(specs)) return false;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(specs); ++i) {
+      PyObject* spec = PyTuple_GET_ITEM(specs, i);
+      if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3 || !PyLong_Check(PyTuple_GET_ITEM(spec, 0)) ||
+          !PyBytes_Check(PyTuple_GET_ITEM(spec, 1)))
+        return false;
+      long tag = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+      int notify = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 2));
+      if (tag < 0 || tag > 255 || notify < 0) return false;
+      PyObject* answer = PyTuple_GET_ITEM(spec, 1);
+      grpc::Slice slice(PyBytes_AS_STRING(answer), static_cast<size_t>(PyBytes_GET_SIZE(answer)));
+      Standing entry{static_cast<int>(tag), notify == 1, grpc::ByteBuffer(&slice, 1)};
+      bool replaced = false;
+      for (auto& s : *standing) {
+        if (s.tag == entry.tag) {
+          s = entry;
+          replaced = true;
+        }
+      }
+      if (!replaced) standing->push_back(entry);
+    }
     return true;
   }
 

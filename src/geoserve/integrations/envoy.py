@@ -75,9 +75,12 @@ STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-# A request_body message's first byte (field 4, length-delimited) and the answer to
-# every body chunk after the decision: the native transport's standing answer.
-_STANDING_BODY = (4 << 3 | 2, _CONTINUE_BODY.SerializeToString())
+
+# A ProcessingRequest's first byte by the part of the HTTP exchange it carries (its
+# oneof field, length-delimited): how the native transport tells them apart for its
+# standing answers (EndpointPicker._standing).
+_REQUEST_BODY, _RESPONSE_HEADERS, _RESPONSE_BODY, _REQUEST_TRAILERS, _RESPONSE_TRAILERS = (
+    field << 3 | 2 for field in (4, 3, 5, 6, 7))
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
@@ -107,7 +110,7 @@ class PickerMetrics:
 class _Exchange:
     """One HTTP request's state on its ext_proc stream."""
 
-    __slots__ = ("headers", "scanner", "body_bytes", "mode", "owed", "decision", "started", "released",
+    __slots__ = ("headers", "scanner", "body_bytes", "mode", "owed", "decision", "started", "released", "standing",
                  "content_length", "response_body_mode", "holding")
 
     def __init__(self) -> None:
@@ -122,6 +125,7 @@ class _Exchange:
         self.released = False
         self.content_length: Optional[int] = None
         self.holding = False  # decided, the body still arriving: a shorter limit is set at its end
+        self.standing = False  # the native transport has its standing answers
 
 
 class EndpointPicker(pb_grpc.ExternalProcessorServicer):
@@ -143,6 +147,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         self._replica_at: dict[str, str] = {}
         self._routed: dict[tuple, Any] = {}  # (endpoint, fallbacks) -> the headers answer that routes there
         self._stamps: dict[str, Any] = {}  # version -> the response headers answer that stamps it
+        self._standing_answers: dict[tuple, tuple] = {}  # (version, full duplex) -> the native standing answers
 
     def replica_at(self, address: str) -> Optional[str]:
         """The replica id behind an upstream address (for the served replica)."""
@@ -226,12 +231,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     def native_stream(self) -> Callable[[Optional[bytes]], Optional[tuple]]:
         """A handler for one stream of the native transport: serialized
-        ``ProcessingRequest`` in, ``(serialized answers, stream ends, standing
-        answer)`` out, run on the server's thread for that stream (a hold sleeps
-        there); ``None`` in when the stream has ended. Once the picker has decided
-        a ``STREAMED``/``BUFFERED`` request, the rest of its body chunks get the
-        standing answer (an acknowledgement, what ``_on_body`` answers them) from
-        the transport itself, without a call into Python per chunk."""
+        ``ProcessingRequest`` in, ``(serialized answers, stream ends[, standing
+        answers])`` out, run on the server's thread for that stream (a hold sleeps
+        there); ``None`` in when the stream has ended. Once the picker has decided,
+        it hands the transport the answers that no longer depend on what arrives
+        (``_standing``), so that Envoy gets them without a call into Python."""
         ex = self._open()
 
         def handle(data: Optional[bytes]) -> Optional[tuple]:
@@ -247,13 +251,35 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     answers.append(step.SerializeToString())
                     if step.HasField("immediate_response"):
                         return answers, True, None
-                passing = ex.decision is not None and not ex.holding and ex.mode != FULL_DUPLEX
-                return answers, False, _STANDING_BODY if passing else None
+                if ex.standing or ex.decision is None or ex.holding:
+                    return answers, False
+                ex.standing = True
+                return answers, False, self._standing(ex)
             except Exception:
                 self._failed()
                 raise
 
         return handle
+
+    def _standing(self, ex: _Exchange) -> tuple:
+        """The native transport's standing answers once ``ex`` is decided (and not
+        holding its body): exactly what ``_steps`` would answer, given at once -
+        the rest of the body chunks are acknowledged (echoed in full duplex: not
+        standing), the response headers get their answer (the version stamp) and
+        the response body and trailers theirs; the response headers and body are
+        still handed to the picker after the answer has gone (notify), for the
+        release."""
+        key = (ex.decision.version, ex.mode == FULL_DUPLEX)
+        standing = self._standing_answers.get(key)
+        if standing is None:
+            standing = ((_RESPONSE_HEADERS, self._response_answer(ex.decision).SerializeToString(), True),
+                        (_RESPONSE_BODY, _CONTINUE_RESPONSE_BODY.SerializeToString(), True),
+                        (_REQUEST_TRAILERS, _CONTINUE_TRAILERS.SerializeToString(), False),
+                        (_RESPONSE_TRAILERS, _CONTINUE_RESPONSE_TRAILERS.SerializeToString(), False))
+            if ex.mode != FULL_DUPLEX:
+                standing += ((_REQUEST_BODY, _CONTINUE_BODY.SerializeToString(), False),)
+            self._standing_answers[key] = standing
+        return standing
 
     def _on_headers(self, ex: _Exchange, headers) -> list:
         ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers}
@@ -428,6 +454,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             served = self.replica_at(attributes.fields["upstream.address"].string_value)
         if ex.response_body_mode == _MODES.NONE or message.response_headers.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
+        return self._response_answer(decision)
+
+    def _response_answer(self, decision: Optional[Decision]) -> Any:
+        """The response headers' answer: the version stamp (built once per version)."""
         if decision is None or decision.version is None:
             return _CONTINUE_RESPONSE_HEADERS
         stamp = self._stamps.get(decision.version)
