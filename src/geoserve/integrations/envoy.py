@@ -33,6 +33,10 @@ back). Answers instead of a destination (OpenAI-style JSON error bodies): 400
 malformed body or headers, 404 unknown model or version, 413 body over
 ``max_body_bytes``, 429 with ``retry-after`` on shed (or when a queue decision
 does not clear within ``max_hold_ms``), 503 when no replica can serve.
+
+Transports (``PickerServer(transport=...)``): ``grpc.aio`` on the event loop, or
+the native one (``geoserve._core.extproc``: gRPC C++ threads handing each message
+to the picker as bytes); both drive the same per-message generator, ``_steps``.
 """
 
 from __future__ import annotations
@@ -75,15 +79,15 @@ STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 # A ProcessingRequest's first byte by the part of the HTTP exchange it carries (its
 # oneof field, length-delimited): how the native transport tells them apart for its
 # standing answers (EndpointPicker._standing).
 _REQUEST_BODY, _RESPONSE_HEADERS, _RESPONSE_BODY, _REQUEST_TRAILERS, _RESPONSE_TRAILERS = (
     field << 3 | 2 for field in (4, 3, 5, 6, 7))
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 class PickerMetrics:
