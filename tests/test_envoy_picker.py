@@ -287,9 +287,13 @@ def test_the_grpc_health_service_answers(stack):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_the_cli_serves_health_and_metrics(tmp_path):
+@pytest.mark.parametrize("transport", ["native", "aio"])
+def test_the_cli_serves_health_and_metrics_and_stops_on_sigterm(tmp_path, transport):
     """``geoserve envoy-picker`` starts (no replica answers yet: every one is
-    without signal), answers the gRPC health check and serves its metrics."""
+    without signal), names its transport, answers the gRPC health check, serves its
+    metrics, and on SIGTERM stops gracefully and exits 0."""
+    import signal
+
     import urllib.request
 
     import grpc
@@ -299,11 +303,15 @@ def test_the_cli_serves_health_and_metrics(tmp_path):
     fleet.write_text('regions = ["us"]\nrtt_ms = [[2.0]]\n[[deployments]]\nmodel = "m"\nversion = "v1"\n'
                      'region = "us"\nreplicas = [{id = "r0", endpoint = "127.0.0.1:9"}]\n')
     port, metrics = free_port(), free_port()
-    with geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port", str(port),
-                          "--metrics-port", str(metrics), "--poll-ms", "100") as (_, banner):
-        assert f"on 127.0.0.1:{port}" in banner, banner
+    if transport == "native":
+        need_native()
+    with geoserve_process("envoy-picker", str(fleet), "--region", "us", "--port", str(port), "--transport", transport,
+                          "--metrics-port", str(metrics), "--poll-ms", "100") as (proc, banner):
+        assert f"on 127.0.0.1:{port} ({transport} transport)" in banner, banner
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
         assert "geoserve_picker_active_streams" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

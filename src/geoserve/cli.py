@@ -175,14 +175,20 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run_until_interrupted(server, banner) -> int:
     """Start an async ``server`` (``start() -> port``, ``stop()``), print the banner,
-    serve until Ctrl-C, stop it."""
+    serve until SIGTERM or Ctrl-C, stop it (gracefully: what it serves is finished
+    or cancelled by its own ``stop``), exit 0."""
     import asyncio
+    import signal
 
     async def serve() -> None:
         port = await server.start()
         print(banner(port), flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
         finally:
             await server.stop()
 

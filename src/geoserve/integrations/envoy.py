@@ -595,12 +595,20 @@ class PickerServer:
         return self.port
 
     async def stop(self) -> None:
+        """Health NOT_SERVING, then stop listening: open streams get 0.5 s to end,
+        then are cancelled (each releases its router state)."""
         await self.feed.stop()
         server, self._server = self._server, None
         if server is not None:
             if self.transport == "native":  # waits for its streams' handlers, off the event loop
+                for service in ("", _SERVICE):
+                    server.set_serving(service, False)
                 await asyncio.get_running_loop().run_in_executor(None, server.stop, 0.5)
             else:
+                from grpc_health.v1 import health_pb2
+
+                for service in ("", _SERVICE):
+                    await self.health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
                 await server.stop(grace=0.5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
