@@ -108,6 +108,36 @@ def hashing_case(dtype: str) -> Case:
     return case
 
 
+def bodyscan_case(kind: str) -> Case:
+    """The gateways' body scanner on an OpenAI body: a short completion in one
+    chunk, or a chat body of ~8 KB arriving in 1 KB chunks (the picker's first
+    chunks), to its end."""
+    import json
+
+    if kind == "short":
+        body = json.dumps({"model": "llama-70b", "prompt": "Say something short. " * 20, "max_tokens": 4}).encode()
+        chunks = [body]
+    else:
+        messages = [{"role": "system", "content": "You are a careful assistant. " * 100},
+                    {"role": "user", "content": "Summarise the text above, with care: \"quoted\" parts too. " * 80}]
+        body = json.dumps({"model": "llama-70b", "messages": messages, "max_tokens": 256, "stream": True}).encode()
+        chunks = [body[i:i + 1024] for i in range(0, len(body), 1024)]
+    last = len(chunks) - 1
+    calls = {}
+    for impl in ("native", "python"):
+        scanner = _compat.kernels(impl, "bodyscan").BodyScanner
+
+        def scan(scanner=scanner):
+            s = scanner()
+            for i, chunk in enumerate(chunks):
+                s.feed(chunk, i == last)
+            return s
+
+        calls[impl] = scan
+    return Case(f"bodyscan/{kind}/{len(body) // 1024 or len(body)}{'KB' if len(body) >= 1024 else 'B'}"
+                f"/{len(chunks)}-chunk", 0, calls["native"], calls["python"])
+
+
 def snapshot_case(per_region: int) -> Case:
     topo = fleet_topology(per_region)
     calls = {}
@@ -253,6 +283,8 @@ def cases(quick: bool) -> list[Case]:
         decide_case(340, affinity=True),
         hashing_case("int64"),
         hashing_case("uint32"),
+        bodyscan_case("short"),
+        bodyscan_case("chat"),
         snapshot_case(340),
         membership_case(340),
         route_loop_case(64, 20_000 if quick else 100_000),
