@@ -128,7 +128,7 @@ def test_model_before_a_long_prompt_is_known_early(BodyScanner):  # noqa: N803
 
 
 # ---------------------------------------------------------------- kernel vs twin
-STATE = ("state", "pos", "key", "value_start", "depth", "model", "model_span", "max_tokens", "limit_spans",
+STATE = ("state", "pos", "scan", "key", "value_start", "depth", "model", "model_span", "max_tokens", "limit_spans",
          "object_start", "prompt_span", "ended")
 
 
@@ -162,3 +162,21 @@ def test_the_compiled_scanner_is_its_twin(raw, data):
         assert observe(kernel, chunk, end) == seen
         if seen[0] == "error":
             break
+
+
+def test_a_long_string_is_read_once_not_once_per_chunk(BodyScanner):  # noqa: N803
+    """A string that runs over chunk ends resumes where the last chunk's scan
+    stopped (``scan``), in a top-level value and inside a nested one; a lone
+    backslash at a chunk's end is read again with what follows it."""
+    for raw in (json.dumps({"model": "m", "prompt": "ab\"c" * 50_000}).encode(),
+                json.dumps({"model": "m", "messages": [{"content": "ab\"c" * 50_000}]}).encode()):
+        scanner = BodyScanner()
+        for i in range(0, len(raw), 1000):
+            chunk = raw[i:i + 1000]
+            scanner.feed(chunk, i + 1000 >= len(raw))
+            if not scanner.complete and scanner.scan:
+                tail = len(scanner.buffer) - (1 if scanner.buffer.endswith(b"\\") else 0)
+                assert scanner.pos < scanner.scan == tail  # resumes at the end, not at the string's start
+        assert scanner.complete and scanner.scan == 0
+        assert json.loads(scanner.prompt_bytes()) == json.loads(raw)[next(k for k in ("prompt", "messages")
+                                                                         if k in json.loads(raw))]

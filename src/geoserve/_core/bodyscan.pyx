@@ -33,20 +33,22 @@ cdef inline Py_ssize_t skip_ws(const unsigned char* buf, Py_ssize_t pos, Py_ssiz
     return pos
 
 
-cdef inline Py_ssize_t string_end(const unsigned char* buf, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
-    # "(?:[^"\\]|\\.)*" from the opening quote at pos: the index after the closing
-    # quote, or -1 when the string runs to the end of the buffer (more to come)
-    cdef Py_ssize_t i = pos + 1
+cdef inline Py_ssize_t string_rest(const unsigned char* buf, Py_ssize_t i, Py_ssize_t n,
+                                    Py_ssize_t* stop) noexcept nogil:
+    # (?:[^"\\]|\\.)*(")? from inside a string at i: the index after the closing
+    # quote, or -1 when the string runs to the end of the buffer (more to come), with
+    # *stop where the scan resumes then (the end, or a lone backslash there)
     while i < n:
         c = buf[i]
         if c == 0x22:
             return i + 1
         if c == 0x5C:
             if i + 1 >= n:
-                return -1
+                break
             i += 2
         else:
             i += 1
+    stop[0] = i
     return -1
 
 
@@ -85,6 +87,7 @@ cdef class BodyScanner:
     cdef public bytearray buffer
     cdef public int state
     cdef public Py_ssize_t pos
+    cdef public Py_ssize_t scan
     cdef public object key
     cdef public Py_ssize_t value_start
     cdef public Py_ssize_t depth
@@ -100,6 +103,7 @@ cdef class BodyScanner:
         self.buffer = bytearray()
         self.state = OPEN
         self.pos = 0
+        self.scan = 0
         self.key = None
         self.value_start = 0
         self.depth = 0
@@ -147,7 +151,7 @@ cdef class BodyScanner:
     cdef int _advance(self) except -1:
         cdef const unsigned char* buf = <const unsigned char*>PyByteArray_AS_STRING(self.buffer)
         cdef Py_ssize_t n = PyByteArray_GET_SIZE(self.buffer)
-        cdef Py_ssize_t pos, i, stop
+        cdef Py_ssize_t pos, i, stop, resume = 0
         cdef unsigned char c
         while True:
             pos = skip_ws(buf, self.pos, n)
@@ -166,7 +170,7 @@ cdef class BodyScanner:
                     continue
                 if c != 0x22:  # "
                     raise BodyError("expected a key in the JSON object")
-                stop = string_end(buf, pos, n)
+                stop = self._string_end(buf, pos, n)
                 if stop < 0:
                     self.pos = pos
                     return 0  # the key is still arriving
@@ -183,7 +187,7 @@ cdef class BodyScanner:
                 if c == 0x7B or c == 0x5B:  # { [
                     self.depth, self.pos, self.state = 1, pos + 1, NEST
                 elif c == 0x22:
-                    stop = string_end(buf, pos, n)
+                    stop = self._string_end(buf, pos, n)
                     if stop < 0:
                         self.pos = pos
                         return 0
@@ -200,15 +204,20 @@ cdef class BodyScanner:
                     self._value(buf, pos, stop)
             elif self.state == NEST:
                 i = pos
+                if self.scan:  # a string inside the value ran on at the last chunk's end
+                    i = self._string_end(buf, pos, n)
+                    if i < 0:
+                        self.pos = pos
+                        return 0
                 while True:
                     if i >= n:
                         self.pos = n
                         return 0
                     c = buf[i]
                     if c == 0x22:
-                        stop = string_end(buf, i, n)
+                        stop = string_rest(buf, i + 1, n, &resume)
                         if stop < 0:
-                            self.pos = i
+                            self.pos, self.scan = i, resume
                             return 0
                         i = stop
                     elif c == 0x7B or c == 0x5B:
@@ -232,6 +241,13 @@ cdef class BodyScanner:
             else:  # DONE
                 self.pos = pos
                 return 0
+
+    cdef Py_ssize_t _string_end(self, const unsigned char* buf, Py_ssize_t pos, Py_ssize_t n):
+        # the twin's _string_end: -1 while the string at pos runs on (scan: where to resume)
+        cdef Py_ssize_t resume = 0
+        cdef Py_ssize_t end = string_rest(buf, self.scan if self.scan else pos + 1, n, &resume)
+        self.scan = resume if end < 0 else 0
+        return end
 
     cdef int _value(self, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end) except -1:
         key = self.key

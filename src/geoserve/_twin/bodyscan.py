@@ -25,9 +25,12 @@ PROMPT_KEYS = ("messages", "prompt")
 _WANTED = ("model", "max_tokens", "max_completion_tokens") + PROMPT_KEYS
 
 _WS = re.compile(rb"[ \t\r\n]*")
-# A string; group 1 (the closing quote) is None when it runs to the end of the
-# buffer (it goes on in the next chunk): nothing else can stop the repetition.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(")?', re.S)
+# The rest of a string from inside it; group 1 (the closing quote) is None when it
+# runs to the end of the buffer (it goes on in the next chunk): nothing else can
+# stop the repetition, and where it stops (the end, or a lone backslash there) is
+# where the scan resumes when the next chunk comes - a long string is read once,
+# not once per chunk.
+_STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*(")?', re.S)
 # Inside a nested value only strings and brackets matter.
 _NESTED = re.compile(rb'"(?:[^"\\]|\\.)*(")?|[\[\]{}]', re.S)
 _SCALAR = re.compile(rb"[^,}\]\s]+")
@@ -50,6 +53,7 @@ class BodyScanner:
         self.buffer = bytearray()
         self.state = _OPEN
         self.pos = 0
+        self.scan = 0  # inside the string that starts at pos and runs on: where its scan resumes (0: none)
         self.key: Optional[str] = None
         self.value_start = 0
         self.depth = 0
@@ -116,12 +120,12 @@ class BodyScanner:
                     continue
                 if c != 0x22:  # "
                     raise BodyError("expected a key in the JSON object")
-                m = _STRING.match(buf, pos)
-                if m.group(1) is None:
+                end = self._string_end(buf, pos)
+                if end is None:
                     self.pos = pos
                     return  # the key is still arriving
-                self.key = _decode_string(m.group())
-                self.pos, self.state = m.end(), _COLON
+                self.key = _decode_string(bytes(buf[pos:end]))
+                self.pos, self.state = end, _COLON
             elif state == _COLON:
                 if c != 0x3A:  # :
                     raise BodyError("expected ':' after a key")
@@ -133,11 +137,11 @@ class BodyScanner:
                 if c == 0x7B or c == 0x5B:  # { [
                     self.depth, self.pos, self.state = 1, pos + 1, _NEST
                 elif c == 0x22:
-                    m = _STRING.match(buf, pos)
-                    if m.group(1) is None:
+                    end = self._string_end(buf, pos)
+                    if end is None:
                         self.pos = pos
                         return
-                    self._value(buf, pos, m.end())
+                    self._value(buf, pos, end)
                 else:
                     m = _SCALAR.match(buf, pos)
                     if m is None:
@@ -147,11 +151,17 @@ class BodyScanner:
                         return  # the number may go on in the next chunk
                     self._value(buf, pos, m.end())
             elif state == _NEST:
+                if self.scan:  # a string inside the value ran on at the last chunk's end
+                    end = self._string_end(buf, pos)
+                    if end is None:
+                        self.pos = pos
+                        return
+                    pos = end
                 for m in _NESTED.finditer(buf, pos):
                     token = m.group()
                     if token[0] == 0x22:
                         if m.group(1) is None:
-                            self.pos = m.start()
+                            self.pos, self.scan = m.start(), m.end()
                             return
                         continue
                     self.depth += 1 if token in (b"{", b"[") else -1
@@ -171,6 +181,16 @@ class BodyScanner:
             else:  # _DONE
                 self.pos = pos
                 return
+
+    def _string_end(self, buf: bytearray, pos: int) -> Optional[int]:
+        """The end (after its closing quote) of the string that starts at ``pos``,
+        or None while it runs on (``scan`` then says where to resume)."""
+        m = _STRING_REST.match(buf, self.scan or pos + 1)
+        if m.group(1) is None:
+            self.scan = m.end()
+            return None
+        self.scan = 0
+        return m.end()
 
     def _value(self, buf: bytearray, start: int, end: int) -> None:
         key = self.key
