@@ -109,6 +109,14 @@ class PickerMetrics:
         self.decide_seconds = Histogram("geoserve_picker_decision_seconds", "Time from request headers to decision",
                                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5),
                                         registry=self.registry)
+        self._children: dict = {}  # (metric, labels) -> its child: labels() once per label set, not per request
+
+    def count(self, metric, *labels: str) -> None:
+        """``metric.labels(*labels).inc()``, with the child looked up once."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        child.inc()
 
 
 class _Exchange:
@@ -365,7 +373,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     def _deciding(self, ex: _Exchange) -> Generator[float, None, Decision]:
         metrics = self.metrics
-        on_decision = (lambda d: metrics.decisions.labels(d.action, d.reason).inc()) if metrics is not None else None
+        on_decision = (lambda d: metrics.count(metrics.decisions, d.action, d.reason)) if metrics is not None else None
         decision = yield from deciding(self.router, lambda: self.snapshot, lambda held: self._request(ex, held),
                                        self.max_hold_ms, on_decision)
         if metrics is not None:
@@ -441,7 +449,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     def _reject(self, reject: Reject):
         if self.metrics is not None:
-            self.metrics.answers.labels(str(reject.status)).inc()
+            self.metrics.count(self.metrics.answers, str(reject.status))
         return _immediate(reject.status, reject.message, reject.kind, reject.headers())
 
     # ------------------------------------------------------------ the response
@@ -477,7 +485,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         ex.released = True
         self.router.complete(ex.decision, replica=replica, ok=ok)
         if self.metrics is not None:
-            self.metrics.released.labels("true" if ok else "false").inc()
+            self.metrics.count(self.metrics.released, "true" if ok else "false")
 
 
 # ---------------------------------------------------------------- helpers
