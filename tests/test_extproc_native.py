@@ -79,6 +79,13 @@ def test_messages_go_through_in_order_and_the_handler_sees_the_end(serve):
     assert rec.streams == [[b"1", b"22", b"", None]]
 
 
+def test_a_stream_without_messages_opens_nothing(serve):
+    rec = Recorder(lambda data: ([], False))
+    _, call, _ = serve(rec)
+    assert list(call(iter([]))) == []
+    assert rec.streams == []  # the factory is called with the first message
+
+
 def test_done_ends_the_stream_after_its_answers(serve):
     rec = Recorder(lambda data: ([b"bye"], True) if data == b"stop" else ([], False))
     _, call, _ = serve(rec)

@@ -17,6 +17,8 @@
 // picker uses it for what does not depend on a message's content once it has
 // decided: acknowledging body chunks, and answering the response headers (the
 // version stamp) while it releases its router state off Envoy's critical path.
+// The factory is called with the stream's first message (a stream that ends before
+// one opens nothing), in the same hold of the GIL as the handler's first call;
 // handler(None) once when the stream ends, however it ends. A handler that raises
 // ends its stream with INTERNAL (the exception is reported by Python's
 // sys.unraisablehook; the picker's handler catches and counts its own first).
@@ -37,11 +39,11 @@ namespace geoserve {
 
 using RawStream = grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
 
-// The GIL for one stream: its thread state lives as long as the stream; the GIL is
-// held only between take() and give().
+// The GIL for one stream: its thread state lives as long as the stream. Made with
+// the GIL held (the stream's first call); held only between take() and give().
 class StreamGil {
  public:
-  StreamGil() : state_(PyGILState_Ensure()), saved_(PyEval_SaveThread()) {}
+  StreamGil() : state_(PyGILState_Ensure()), saved_(nullptr) {}
   ~StreamGil() {
     if (saved_ != nullptr) PyEval_RestoreThread(saved_);
     PyGILState_Release(state_);
@@ -68,22 +70,17 @@ class RawProcessor final : public grpc::Service {
   }
 
   grpc::Status Process(RawStream* stream) {
-    StreamGil gil;
-    gil.take();
-    PyObject* handler = PyObject_CallNoArgs(factory_);
-    if (handler == nullptr) {
-      PyErr_WriteUnraisable(factory_);
-      gil.give();
-      return grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker could not open the stream");
-    }
-    gil.give();
-    grpc::Status status = grpc::Status::OK;
     grpc::ByteBuffer in;
+    if (!stream->Read(&in)) return grpc::Status::OK;  // ended before its first message: nothing to open
+    StreamGil gil;  // the GIL, for the handler and its first message in one go
+    PyObject* handler = nullptr;
+    grpc::Status status = grpc::Status::OK;
     std::vector<grpc::Slice> slices;
     std::vector<grpc::ByteBuffer> out;
     std::vector<Standing> standing;
     bool done = false;
-    while (!done && stream->Read(&in)) {
+    bool held = true;
+    do {
       slices.clear();
       out.clear();
       if (!in.Dump(&slices).ok()) {
@@ -95,9 +92,18 @@ class RawProcessor final : public grpc::Service {
         if (!stream->Write(answered->answer)) break;
         if (!answered->notify) continue;
       }
-      gil.take();
+      if (!held) gil.take();
+      if (handler == nullptr) {
+        handler = PyObject_CallNoArgs(factory_);
+        if (handler == nullptr) {
+          PyErr_WriteUnraisable(factory_);
+          gil.give();
+          return grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker could not open the stream");
+        }
+      }
       bool ok = Call(handler, slices, in.Length(), &out, &done, &standing);
       gil.give();
+      held = false;
       if (!ok) {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "geoserve: the picker failed on this stream");
         break;
@@ -109,12 +115,14 @@ class RawProcessor final : public grpc::Service {
           break;
         }
       }
+    } while (!done && stream->Read(&in));
+    if (!held) gil.take();
+    if (handler != nullptr) {
+      PyObject* closed = PyObject_CallOneArg(handler, Py_None);
+      if (closed == nullptr) PyErr_WriteUnraisable(handler);
+      Py_XDECREF(closed);
+      Py_DECREF(handler);
     }
-    gil.take();
-    PyObject* closed = PyObject_CallOneArg(handler, Py_None);
-    if (closed == nullptr) PyErr_WriteUnraisable(handler);
-    Py_XDECREF(closed);
-    Py_DECREF(handler);
     return status;  // gil's destructor gives the GIL back and drops the thread state
   }
 
