@@ -91,6 +91,15 @@ def test_native_and_twin_text_hashes_are_identical(native_available, text, block
     assert _compat.compiled_hashing.text_block_hashes(text, block_bytes).tolist() == _compat.twin_hashing.text_block_hashes(text, block_bytes).tolist()
 
 
+@given(st.binary(max_size=600), st.sampled_from([1, 7, 256]))
+def test_native_and_twin_bytes_hashes_are_identical(native_available, data, block_bytes):
+    native = _compat.compiled_hashing.bytes_block_hashes(data, block_bytes)
+    assert native.tolist() == _compat.twin_hashing.bytes_block_hashes(data, block_bytes).tolist()
+    text = data.decode("latin-1")  # the same blocks as text when the bytes are its UTF-8
+    if text.encode("utf-8") == data:
+        assert native.tolist() == _compat.compiled_hashing.text_block_hashes(text, block_bytes).tolist()
+
+
 @given(st.binary(max_size=300), st.integers(0, 2**64 - 1))
 def test_vendored_xxh3_matches_the_xxhash_package(native_available, data, seed):
     assert _compat.compiled_hashing.xxh3_64_of(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed)

@@ -16,6 +16,7 @@ import. ``native`` says which won. The kernel modules, each with a twin:
     reference is ``snapshot.derive_columns``, which also takes every error).
 ``hashing`` (``_core/hashing.pyx`` / ``_twin/hashing.py``)
     ``block_hashes(tokens, block_tokens)``, ``text_block_hashes(text, block_bytes)``,
+    ``bytes_block_hashes(data, block_bytes)``,
     ``ring_points(ids, vnodes)``, ``sort_ring(points, owners, starts)``.
 ``bodyscan`` (``_core/bodyscan.pyx`` / ``_twin/bodyscan.py``)
     ``BodyScanner``: the top level of a streamed OpenAI-style JSON body (model,

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._compat import kernels
 
-__all__ = ["block_hashes", "block_hashes_from_text", "TEXT_BLOCK_BYTES", "TEXT_BLOCK_TOKENS"]
+__all__ = ["block_hashes", "block_hashes_from_text", "block_hashes_from_bytes", "TEXT_BLOCK_BYTES", "TEXT_BLOCK_TOKENS"]
 
 TEXT_BLOCK_BYTES = 256
 TEXT_BLOCK_TOKENS = 64
@@ -39,3 +39,9 @@ def block_hashes(tokens: Union[np.ndarray, Iterable[int]], block_tokens: int = 6
 def block_hashes_from_text(text: str, block_bytes: int = TEXT_BLOCK_BYTES) -> np.ndarray:
     """Chained block hashes of UTF-8 text (``block_bytes`` bytes a block)."""
     return _hashing.text_block_hashes(text, block_bytes)
+
+
+def block_hashes_from_bytes(data: bytes, block_bytes: int = TEXT_BLOCK_BYTES) -> np.ndarray:
+    """Chained block hashes of raw bytes (``block_bytes`` a block): what a proxy
+    that sees the body, not the text, hashes - the Envoy picker, the prompt's JSON."""
+    return _hashing.bytes_block_hashes(data, block_bytes)

@@ -132,12 +132,8 @@ def block_hashes(tokens, int64_t block_tokens):
     return out
 
 
-def text_block_hashes(str text, int64_t block_bytes):
-    """Chained XXH3-64 of ``block_bytes``-byte blocks of UTF-8 text."""
-    if block_bytes < 1:
-        raise ValueError("block_bytes must be >= 1")
-    cdef Py_ssize_t size
-    cdef const char* data = PyUnicode_AsUTF8AndSize(text, &size)
+cdef cnp.ndarray _chain(const char* data, Py_ssize_t size, int64_t block_bytes):
+    # chained XXH3-64 of block_bytes-byte blocks (the last may be shorter)
     cdef Py_ssize_t n_blocks = (size + block_bytes - 1) // block_bytes
     cdef cnp.ndarray out = np.empty(n_blocks, dtype=np.uint64)
     cdef uint64_t* hashes = <uint64_t*>cnp.PyArray_DATA(out)
@@ -150,6 +146,23 @@ def text_block_hashes(str text, int64_t block_bytes):
             h = xxh3_64(data + start, count, h)
             hashes[b] = h
     return out
+
+
+def text_block_hashes(str text, int64_t block_bytes):
+    """Chained XXH3-64 of ``block_bytes``-byte blocks of UTF-8 text."""
+    if block_bytes < 1:
+        raise ValueError("block_bytes must be >= 1")
+    cdef Py_ssize_t size
+    cdef const char* data = PyUnicode_AsUTF8AndSize(text, &size)
+    return _chain(data, size, block_bytes)
+
+
+def bytes_block_hashes(bytes data, int64_t block_bytes):
+    """Chained XXH3-64 of ``block_bytes``-byte blocks of ``data`` (a prompt's raw
+    bytes, as a gateway sees them)."""
+    if block_bytes < 1:
+        raise ValueError("block_bytes must be >= 1")
+    return _chain(data, len(data), block_bytes)
 
 
 def bare_xxh3_blocks(const uint32_t[::1] tokens, int64_t block_tokens):

@@ -38,6 +38,14 @@ def text_block_hashes(text: str, block_bytes: int) -> np.ndarray:
     return chain(text.encode("utf-8"), block_bytes)
 
 
+def bytes_block_hashes(data: bytes, block_bytes: int) -> np.ndarray:
+    if block_bytes < 1:
+        raise ValueError("block_bytes must be >= 1")
+    if not isinstance(data, bytes):
+        raise TypeError("data must be bytes")
+    return chain(data, block_bytes)
+
+
 def ring_points(ids: list, vnodes: int) -> np.ndarray:
     """Ring points of each replica: mix64(xxh3_64(id) + k * golden) for k < vnodes."""
     base = np.array([xxhash.xxh3_64_intdigest(rid.encode()) for rid in ids], dtype=np.uint64)

@@ -49,8 +49,6 @@ from typing import Any, Callable, Generator, Iterator, Optional
 
 import grpc
 import msgspec
-import numpy as np
-import xxhash
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -58,7 +56,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS
+from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS, block_hashes_from_bytes
 from ..router import Router
 from ..snapshot import Snapshot
 from ..types import Decision, Request, SignalColumns, Signals
@@ -73,6 +71,9 @@ log = logging.getLogger("geoserve.envoy")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
+
+# the request headers the picker reads (the others are not decoded)
+_READ_HEADERS = frozenset(("content-length", SESSION_HEADER, PRIORITY_HEADER, ORIGIN_HEADER, VERSION_HEADER))
 
 _MODES = processing_mode_pb2.ProcessingMode
 STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
@@ -294,7 +295,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         return standing
 
     def _on_headers(self, ex: _Exchange, headers) -> list:
-        ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers}
+        ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers
+                      if h.key in _READ_HEADERS}
         length = ex.headers.get("content-length")
         if length is not None:
             try:
@@ -332,7 +334,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 return []
             if end:
                 try:  # the whole body is here: hold it to full JSON, not just its top level
-                    msgspec.json.decode(bytes(ex.scanner.buffer))
+                    msgspec.json.decode(ex.scanner.buffer)
                 except msgspec.DecodeError as err:
                     raise Reject(400, f"the body is not valid JSON: {err}") from None
             decision = ex.decision if ex.holding else (yield from self._deciding(ex))
@@ -367,7 +369,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             model=scanner.model, origin=headers.get(ORIGIN_HEADER) or self.region,
             priority=headers.get(PRIORITY_HEADER) or "interactive", version=headers.get(VERSION_HEADER) or None,
             prompt_tokens=max(1, total // CHARS_PER_TOKEN), max_tokens=scanner.max_tokens or 256,
-            session=headers.get(SESSION_HEADER) or None, prefix=_chain(data), block_tokens=TEXT_BLOCK_TOKENS,
+            session=headers.get(SESSION_HEADER) or None, prefix=block_hashes_from_bytes(data), block_tokens=TEXT_BLOCK_TOKENS,
             waited_ms=waited_ms,
         )
 
@@ -489,19 +491,6 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
 
 # ---------------------------------------------------------------- helpers
-def _chain(data: bytes) -> np.ndarray:
-    """Chained xxh3 block hashes of the prompt's bytes, 256 bytes a block (as
-    ``geoserve.prefix`` does for text), as the uint64 array the compiled boundary
-    takes; the caller passes a partial last block only when the whole prompt is
-    shorter than a block."""
-    out = np.empty(-(-len(data) // TEXT_BLOCK_BYTES), dtype=np.uint64)
-    h = 0
-    for k, i in enumerate(range(0, len(data), TEXT_BLOCK_BYTES)):
-        h = xxhash.xxh3_64_intdigest(data[i: i + TEXT_BLOCK_BYTES], seed=h)
-        out[k] = h
-    return out
-
-
 def _header(key: str, value: str):
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
                                       append_action=_OVERWRITE)
