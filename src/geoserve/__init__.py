@@ -18,7 +18,7 @@ from .errors import (
     UnknownPriority,
     UnknownVersion,
 )
-from .prefix import block_hashes, block_hashes_from_text
+from .prefix import block_hashes, block_hashes_from_bytes, block_hashes_from_text
 from .router import Router
 from .snapshot import Fleet, Snapshot
 from .state import RouterState
@@ -59,6 +59,7 @@ __all__ = [
     "Snapshot",
     "block_hashes",
     "block_hashes_from_text",
+    "block_hashes_from_bytes",
     "GeoserveError",
     "ConfigError",
     "SignalError",
