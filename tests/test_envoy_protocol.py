@@ -64,12 +64,12 @@ class AioStream:
             yield message
 
     async def _run(self, p) -> None:
-        async for answer in p.Process(self._iterate(), None):
-            self.answers.append(answer)
+        async for answer in p.Process(self._iterate(), None):  # bytes both ways, as grpc.aio hands them
+            self.answers.append(pb.ProcessingResponse.FromString(answer))
 
     async def send(self, message) -> list:
         before = len(self.answers)
-        await self.queue.put(message)
+        await self.queue.put(message.SerializeToString())
         for _ in range(5):
             await asyncio.sleep(0)
         return [a.WhichOneof("response") for a in self.answers[before:]]

@@ -21,6 +21,9 @@ import. ``native`` says which won. The kernel modules, each with a twin:
 ``bodyscan`` (``_core/bodyscan.pyx`` / ``_twin/bodyscan.py``)
     ``BodyScanner``: the top level of a streamed OpenAI-style JSON body (model,
     output limit, the prompt's byte span), for the gateways.
+``procmsg`` (``_core/procmsg.pyx`` / ``_twin/procmsg.py``)
+    ``read(data, header_keys)``: the fields of a serialized ext_proc
+    ``ProcessingRequest`` the Envoy picker reads, without building the message.
 ``simcore`` (``_core/simcore.pyx`` / ``sim/engine.py`` + ``sim/replica.py``)
     ``Engine(simulation, progress).run()``: the simulator's event loop and replica
     model; its twin is the Python engine itself (``Simulation(engine="python")``).
@@ -35,6 +38,7 @@ from typing import Optional
 from ._twin import bodyscan as twin_bodyscan
 from ._twin import decide as twin_decide
 from ._twin import hashing as twin_hashing
+from ._twin import procmsg as twin_procmsg
 
 FORCED_TWIN = os.environ.get("GEOSERVE_NO_EXTENSIONS", "") not in ("", "0")
 
@@ -42,17 +46,20 @@ compiled_decide: Optional[ModuleType]
 compiled_hashing: Optional[ModuleType]
 compiled_simcore: Optional[ModuleType]
 compiled_bodyscan: Optional[ModuleType]
+compiled_procmsg: Optional[ModuleType]
 try:
     from ._core import bodyscan as compiled_bodyscan
+    from ._core import procmsg as compiled_procmsg
     from ._core import decide as compiled_decide
     from ._core import hashing as compiled_hashing
     from ._core import simcore as compiled_simcore
 except ImportError:  # not built (an sdist without a compiler, or a source checkout)
-    compiled_decide = compiled_hashing = compiled_simcore = compiled_bodyscan = None
+    compiled_decide = compiled_hashing = compiled_simcore = compiled_bodyscan = compiled_procmsg = None
 
 native = compiled_decide is not None and not FORCED_TWIN
-_TWINS = {"decide": twin_decide, "hashing": twin_hashing, "bodyscan": twin_bodyscan}
-_COMPILED = {"decide": compiled_decide, "hashing": compiled_hashing, "bodyscan": compiled_bodyscan}
+_TWINS = {"decide": twin_decide, "hashing": twin_hashing, "bodyscan": twin_bodyscan, "procmsg": twin_procmsg}
+_COMPILED = {"decide": compiled_decide, "hashing": compiled_hashing, "bodyscan": compiled_bodyscan,
+             "procmsg": compiled_procmsg}
 
 
 def kernels(implementation: Optional[str] = None, which: str = "decide") -> ModuleType:

@@ -36,7 +36,11 @@ does not clear within ``max_hold_ms``), 503 when no replica can serve.
 
 Transports (``PickerServer(transport=...)``): ``grpc.aio`` on the event loop, or
 the native one (``geoserve._core.extproc``: gRPC C++ threads handing each message
-to the picker as bytes); both drive the same per-message generator, ``_steps``.
+to the picker as bytes). Both move bytes: each message is read by
+``read_message`` (only the fields the picker uses, straight from the wire format:
+``_core/procmsg.pyx``, its twin ``_twin/procmsg.py``) and drives the same
+per-message generator, ``_steps``, which answers with serialized responses (the
+common ones built once).
 """
 
 from __future__ import annotations
@@ -51,11 +55,13 @@ import grpc
 import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from .._compat import kernels
+from .._twin.procmsg import (REQUEST_BODY, REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_BODY, RESPONSE_HEADERS,
+                             RESPONSE_TRAILERS, Message)
 from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS, block_hashes_from_bytes
 from ..router import Router
 from ..snapshot import Snapshot
@@ -72,23 +78,26 @@ log = logging.getLogger("geoserve.envoy")
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
 
-# the request headers the picker reads (the others are not decoded)
-_READ_HEADERS = frozenset(("content-length", SESSION_HEADER, PRIORITY_HEADER, ORIGIN_HEADER, VERSION_HEADER))
+# the headers the picker reads (the others are not decoded): the request's, and the response's status
+_READ_HEADERS = frozenset(("content-length", SESSION_HEADER, PRIORITY_HEADER, ORIGIN_HEADER, VERSION_HEADER, ":status"))
+read_message: Callable[[bytes, frozenset], Message] = kernels(which="procmsg").read
 
 _MODES = processing_mode_pb2.ProcessingMode
 STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
-_CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+# the answers that are always the same, serialized once (every answer leaves as bytes)
+_CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse()).SerializeToString()
+_CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse()).SerializeToString()
 
-# A ProcessingRequest's first byte by the part of the HTTP exchange it carries (its
-# oneof field, length-delimited): how the native transport tells them apart for its
-# standing answers (EndpointPicker._standing).
-_REQUEST_BODY, _RESPONSE_HEADERS, _RESPONSE_BODY, _REQUEST_TRAILERS, _RESPONSE_TRAILERS = (
-    field << 3 | 2 for field in (4, 3, 5, 6, 7))
+
+def _first_byte(kind: int) -> int:
+    """A ProcessingRequest's first byte when it carries ``kind`` (its oneof field,
+    length-delimited): how the native transport tells the parts of the exchange
+    apart for its standing answers (EndpointPicker._standing)."""
+    return kind << 3 | 2
 
 
 class PickerMetrics:
@@ -124,7 +133,7 @@ class _Exchange:
     """One HTTP request's state on its ext_proc stream."""
 
     __slots__ = ("headers", "scanner", "body_bytes", "mode", "owed", "decision", "started", "released", "standing",
-                 "content_length", "response_body_mode", "holding")
+                 "content_length", "response_body_mode", "holding", "finished")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -139,9 +148,10 @@ class _Exchange:
         self.content_length: Optional[int] = None
         self.holding = False  # decided, the body still arriving: a shorter limit is set at its end
         self.standing = False  # the native transport has its standing answers
+        self.finished = False  # answered with an immediate response: the stream ends
 
 
-class EndpointPicker(pb_grpc.ExternalProcessorServicer):
+class EndpointPicker:
     """The ext_proc servicer. ``update(signals)`` installs a new snapshot (the
     picker's poller calls it); decisions read the latest."""
 
@@ -197,45 +207,49 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             self.metrics.stream_errors.inc()
         log.exception("ext_proc stream failed")
 
-    def _steps(self, ex: _Exchange, message) -> Iterator[Any]:
-        """One ext_proc message: yields its answers in order and, while a queue
-        decision is held, the seconds to wait before it is decided again (floats).
-        The stream ends after an immediate response."""
-        kind = message.WhichOneof("request")
-        if message.HasField("protocol_config"):
-            ex.mode = message.protocol_config.request_body_mode
-            ex.response_body_mode = message.protocol_config.response_body_mode
-            if ex.mode == STREAMED and not message.protocol_config.send_body_without_waiting_for_header_response:
+    def _steps(self, ex: _Exchange, message: Message) -> Iterator[Any]:
+        """One ext_proc message (as ``read_message`` reads it): yields its answers
+        (serialized) in order and, while a queue decision is held, the seconds to
+        wait before it is decided again (floats). After an immediate response
+        (``ex.finished``) the stream ends."""
+        kind = message.kind
+        if message.modes is not None:
+            ex.mode, ex.response_body_mode, send_early = message.modes
+            if ex.mode == STREAMED and not send_early:
                 log.error("ext_proc config: STREAMED needs send_body_without_waiting_for_header_response")
+                ex.finished = True
                 yield _immediate(500, "the picker's Envoy config is wrong (see docs/integrations/envoy.md)",
                                  "server_error")
                 return
-        if kind == "request_body":
-            yield from (yield from self._on_body(ex, message.request_body))  # its holds, then its answers
-        elif kind == "request_headers":
-            yield from self._on_headers(ex, message.request_headers)
-        elif kind == "response_headers":
+        if kind == REQUEST_BODY:
+            yield from (yield from self._on_body(ex, message))  # its holds, then its answers
+        elif kind == REQUEST_HEADERS:
+            yield from self._on_headers(ex, message)
+        elif kind == RESPONSE_HEADERS:
             yield self._on_response_headers(ex, message)
-        elif kind == "response_body":
-            if message.response_body.end_of_stream:
+        elif kind == RESPONSE_BODY:
+            if message.end_of_stream:
                 self._release(ex, ok=True)
             yield _CONTINUE_RESPONSE_BODY
-        elif kind == "request_trailers":
+        elif kind == REQUEST_TRAILERS:
             yield _CONTINUE_TRAILERS
-        elif kind == "response_trailers":
+        elif kind == RESPONSE_TRAILERS:
             yield _CONTINUE_RESPONSE_TRAILERS
 
     async def Process(self, request_iterator, context):  # noqa: N802 (the gRPC method's name)
+        """The grpc.aio transport's stream: serialized ``ProcessingRequest``s in,
+        serialized ``ProcessingResponse``s out (registered without (de)serializers,
+        see :meth:`PickerServer.start`); a hold sleeps on the event loop."""
         ex = self._open()
         try:
-            async for message in request_iterator:
-                for step in self._steps(ex, message):
+            async for data in request_iterator:
+                for step in self._steps(ex, read_message(data, _READ_HEADERS)):
                     if isinstance(step, float):
                         await asyncio.sleep(step)
                         continue
                     yield step
-                    if step.HasField("immediate_response"):
-                        return
+                if ex.finished:
+                    return
         except Exception:
             self._failed()
             raise
@@ -257,13 +271,13 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 return None
             try:
                 answers = []
-                for step in self._steps(ex, pb.ProcessingRequest.FromString(data)):
+                for step in self._steps(ex, read_message(data, _READ_HEADERS)):
                     if isinstance(step, float):
                         time.sleep(step)
-                        continue
-                    answers.append(step.SerializeToString())
-                    if step.HasField("immediate_response"):
-                        return answers, True, None
+                    else:
+                        answers.append(step)
+                if ex.finished:
+                    return answers, True, None
                 if ex.standing or ex.decision is None or ex.holding:
                     return answers, False
                 ex.standing = True
@@ -285,34 +299,32 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         key = (ex.decision.version, ex.mode == FULL_DUPLEX)
         standing = self._standing_answers.get(key)
         if standing is None:
-            standing = ((_RESPONSE_HEADERS, self._response_answer(ex.decision).SerializeToString(), True),
-                        (_RESPONSE_BODY, _CONTINUE_RESPONSE_BODY.SerializeToString(), True),
-                        (_REQUEST_TRAILERS, _CONTINUE_TRAILERS.SerializeToString(), False),
-                        (_RESPONSE_TRAILERS, _CONTINUE_RESPONSE_TRAILERS.SerializeToString(), False))
+            standing = ((_first_byte(RESPONSE_HEADERS), self._response_answer(ex.decision), True),
+                        (_first_byte(RESPONSE_BODY), _CONTINUE_RESPONSE_BODY, True),
+                        (_first_byte(REQUEST_TRAILERS), _CONTINUE_TRAILERS, False),
+                        (_first_byte(RESPONSE_TRAILERS), _CONTINUE_RESPONSE_TRAILERS, False))
             if ex.mode != FULL_DUPLEX:
-                standing += ((_REQUEST_BODY, _CONTINUE_BODY.SerializeToString(), False),)
+                standing += ((_first_byte(REQUEST_BODY), _CONTINUE_BODY, False),)
             self._standing_answers[key] = standing
         return standing
 
-    def _on_headers(self, ex: _Exchange, headers) -> list:
-        ex.headers = {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers.headers
-                      if h.key in _READ_HEADERS}
+    def _on_headers(self, ex: _Exchange, headers: Message) -> list:
+        ex.headers = headers.headers
         length = ex.headers.get("content-length")
         if length is not None:
             try:
                 ex.content_length = int(length)
             except ValueError:
-                return [self._reject(Reject(400, "content-length is not a number"))]
+                return [self._reject(ex, Reject(400, "content-length is not a number"))]
             if ex.content_length > self.max_body_bytes:
-                return [self._reject(Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
+                return [self._reject(ex, Reject(413, f"the body is over {self.max_body_bytes} bytes"))]
         if headers.end_of_stream:
-            return [self._reject(Reject(400, "a JSON body with a model is required"))]
+            return [self._reject(ex, Reject(400, "a JSON body with a model is required"))]
         if ex.mode == BUFFERED:  # the destination rides on the body's answer; the client's header goes now
-            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER]))))]
+            return [_REMOVE_DESTINATION]
         return []  # held until the body says where to go
 
-    def _on_body(self, ex: _Exchange, body) -> Generator[float, None, list]:
+    def _on_body(self, ex: _Exchange, body: Message) -> Generator[float, None, list]:
         """Yields the seconds of a held queue decision, returns the answers."""
         chunk, end = body.body, body.end_of_stream
         if ex.decision is not None and not ex.holding:  # decided: pass the rest through
@@ -339,7 +351,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     raise Reject(400, f"the body is not valid JSON: {err}") from None
             decision = ex.decision if ex.holding else (yield from self._deciding(ex))
         except Reject as reject:
-            return [self._reject(reject)]
+            return [self._reject(ex, reject)]
         ex.decision = decision
         if decision.max_tokens is not None and not end:
             ex.holding = True  # its limit may still come: answer the chunks at the body's end
@@ -408,7 +420,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     self._routed.clear()
                 mutation, metadata = self._destination(decision)
                 answer = self._routed[routed] = pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)
+                    request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata).SerializeToString()
             owed, ex.owed = ex.owed, []
             return [answer] + [_CONTINUE_BODY] * len(owed)
         content_length = None
@@ -423,15 +435,16 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if ex.mode == BUFFERED:
             if edits:
                 mutation.body_mutation.body = body
-            return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=mutation), dynamic_metadata=metadata)]
-        answers = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata)]
+            return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=mutation),
+                                          dynamic_metadata=metadata).SerializeToString()]
+        answers = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=mutation),
+                                         dynamic_metadata=metadata).SerializeToString()]
         if ex.mode == FULL_DUPLEX:
             answers.append(_echo(body, end))
         else:  # STREAMED with edits: the rewritten bytes replace the first owed chunk, the others are emptied
             answers.append(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(body=body)))))
-            answers.extend(pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(clear_body=True)))) for _ in owed[1:])
+                body_mutation=pb.BodyMutation(body=body)))).SerializeToString())
+            answers.extend([_CLEAR_BODY] * len(owed[1:]))
         return answers
 
     @staticmethod
@@ -449,28 +462,25 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
         return mutation, metadata
 
-    def _reject(self, reject: Reject):
+    def _reject(self, ex: _Exchange, reject: Reject) -> bytes:
+        """The immediate response that answers ``ex`` instead of routing it (its stream ends)."""
+        ex.finished = True
         if self.metrics is not None:
             self.metrics.count(self.metrics.answers, str(reject.status))
         return _immediate(reject.status, reject.message, reject.kind, reject.headers())
 
     # ------------------------------------------------------------ the response
-    def _on_response_headers(self, ex: _Exchange, message) -> Any:
-        decision = ex.decision
-        status = 0
-        for h in message.response_headers.headers.headers:
-            if h.key == ":status":
-                status = int(h.raw_value or h.value or 0)
-                break
-        served = None
-        attributes = message.attributes.get("envoy.filters.http.ext_proc")
-        if attributes is not None and "upstream.address" in attributes.fields:
-            served = self.replica_at(attributes.fields["upstream.address"].string_value)
-        if ex.response_body_mode == _MODES.NONE or message.response_headers.end_of_stream:
+    def _on_response_headers(self, ex: _Exchange, message: Message) -> bytes:
+        try:
+            status = int(message.headers.get(":status") or 0)
+        except ValueError:
+            status = 0
+        served = self.replica_at(message.upstream) if message.upstream is not None else None
+        if ex.response_body_mode == _MODES.NONE or message.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
-        return self._response_answer(decision)
+        return self._response_answer(ex.decision)
 
-    def _response_answer(self, decision: Optional[Decision]) -> Any:
+    def _response_answer(self, decision: Optional[Decision]) -> bytes:
         """The response headers' answer: the version stamp (built once per version)."""
         if decision is None or decision.version is None:
             return _CONTINUE_RESPONSE_HEADERS
@@ -478,7 +488,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         if stamp is None:
             stamp = self._stamps[decision.version] = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    set_headers=[_header(VERSION_HEADER, decision.version)]))))
+                    set_headers=[_header(VERSION_HEADER, decision.version)])))).SerializeToString()
         return stamp
 
     def _release(self, ex: _Exchange, ok: bool, replica: Optional[str] = None) -> None:
@@ -496,17 +506,23 @@ def _header(key: str, value: str):
                                       append_action=_OVERWRITE)
 
 
-def _echo(chunk: bytes, end: bool):
+def _echo(chunk: bytes, end: bool) -> bytes:
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(
-        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end)))))
+        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end))))).SerializeToString()
 
 
-def _immediate(status: int, message: str, kind: str = "invalid_request_error", extra=()):
+def _immediate(status: int, message: str, kind: str = "invalid_request_error", extra=()) -> bytes:
     body = error_body(status, message, kind)
     headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in extra]
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status), headers=pb.HeaderMutation(set_headers=headers), body=body,
-        details=f"geoserve_{status}"))
+        details=f"geoserve_{status}")).SerializeToString()
+
+
+_REMOVE_DESTINATION = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+    header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER])))).SerializeToString()
+_CLEAR_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+    body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
 
 
 # ---------------------------------------------------------------- the server
@@ -576,7 +592,9 @@ class PickerServer:
 
             server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                               ("grpc.max_receive_message_length", max_message)])
-            pb_grpc.add_ExternalProcessorServicer_to_server(self.picker, server)
+            # bytes in and out: the picker reads and writes the messages itself, as on the native transport
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
+                "Process": grpc.stream_stream_rpc_method_handler(self.picker.Process)}),))
             self.health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
             self.port = server.add_insecure_port(f"{self.host}:{self.port}")
