@@ -25,9 +25,11 @@ time to first byte of streamed 220 KB prompts at concurrency 20 and 100 (the loa
 that makes the GIE endpoint picker add 156 ms and ~750 ms, its issue #2928).
 Bounded: every phase has a request count. ``--picker-command [NAME=]CMD`` adds
 another ext_proc server as a picker (``cmd`` unless named; repeatable): the
-fixed-answer spikes of benchmarks/spikes - ``extproc_native`` (C++) and
-``naive_picker`` (grpc.aio, the issue's "naive Python picker"); ``--floor`` adds
-listeners that cost them one exchange per request (what the protocol costs).
+fixed-answer spikes of benchmarks/spikes - ``extproc_native`` (C++: the sync
+server, or ``picker_callback`` on gRPC's callback API), ``native_fixed`` (geoserve's
+native transport with a Python handler that only answers) and ``naive_picker``
+(grpc.aio, the issue's "naive Python picker"); ``--floor`` adds listeners that cost
+them one exchange per request (what the protocol costs).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ FLOOR = {
     "headers-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
                             ("response_header_mode: SEND", "response_header_mode: SKIP"),
                             ("envoy_grpc: {cluster_name: geoserve_picker}",
-                             'google_grpc: {target_uri: "127.0.0.1:9002", stat_prefix: picker_google}')),
+                             'google_grpc: {target_uri: "PICKER_ADDRESS", stat_prefix: picker_google}')),
 }
 
 
@@ -91,14 +93,15 @@ def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, listeners:
         if cluster not in picker_clusters:
             picker_clusters[cluster] = (cluster_block.replace("geoserve_picker", cluster)
                                         .replace(f"port_value: {doc_ports[9002]}", f"port_value: {picker_port}"))
-        variant = (doc_listener.replace("name: inference", f"name: {name}", 1)
+        variant = doc_listener
+        for old, new in edits:  # on the doc's text, then renamed for this listener and picker
+            assert old in variant, old
+            variant = variant.replace(old, new)
+        variant = (variant.replace("name: inference", f"name: {name}", 1)
                    .replace(f"port_value: {doc_ports[10000]}", f"port_value: {port}")
                    .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}")
                    .replace("cluster_name: geoserve_picker", f"cluster_name: {cluster}")
-                   .replace(f"127.0.0.1:{doc_ports[9002]}", f"127.0.0.1:{picker_port}"))
-        for old, new in edits:
-            assert old in variant, old
-            variant = variant.replace(old, new)
+                   .replace("PICKER_ADDRESS", f"127.0.0.1:{picker_port}"))
         listeners_yaml += variant
     plain = f"""  - name: plain
     address: {{socket_address: {{address: 127.0.0.1, port_value: {plain_port}}}}}
