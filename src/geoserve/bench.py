@@ -138,6 +138,40 @@ def bodyscan_case(kind: str) -> Case:
                 f"/{len(chunks)}-chunk", 0, calls["native"], calls["python"])
 
 
+def procmsg_case(kind: str) -> Case:
+    """The Envoy picker's message reader on what Envoy sends: request headers (10
+    headers, the protocol configuration) or response headers with the
+    ``upstream.address`` attribute. Needs the [envoy] extra (its protobufs build
+    the messages and are the twin)."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from google.protobuf import struct_pb2
+
+    from .integrations.envoy import _READ_HEADERS
+
+    def headers(pairs):
+        return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]))
+
+    if kind == "request":
+        message = pb.ProcessingRequest(request_headers=headers([
+            (":authority", "gateway.example:10000"), (":path", "/v1/chat/completions"), (":method", "POST"),
+            (":scheme", "http"), ("user-agent", "openai-python/1.51"), ("content-type", "application/json"),
+            ("content-length", "7310"), ("x-forwarded-proto", "http"), ("x-session-id", "4f1c9a2e"),
+            ("x-request-id", "0b8c9f1e-1a2b-4c3d-9e8f-123456789abc")]),
+            protocol_config=pb.ProtocolConfiguration(request_body_mode=1, send_body_without_waiting_for_header_response=True))
+    else:
+        attributes = struct_pb2.Struct()
+        attributes.update({"upstream.address": "10.0.3.17:8000"})
+        message = pb.ProcessingRequest(response_headers=headers([
+            (":status", "200"), ("content-type", "text/event-stream"), ("x-envoy-upstream-service-time", "412")]),
+            attributes={"envoy.filters.http.ext_proc": attributes})
+    data = message.SerializeToString()
+    native, twin = _compat.kernels("native", "procmsg"), _compat.kernels("python", "procmsg")
+    return Case(f"procmsg/{kind}_headers/{len(data)}B", 0, lambda: native.read(data, _READ_HEADERS),
+                lambda: twin.read(data, _READ_HEADERS))
+
+
 def snapshot_case(per_region: int) -> Case:
     topo = fleet_topology(per_region)
     calls = {}
@@ -275,6 +309,14 @@ def _summary(rounds: list[float], per_call: int = 1) -> dict:
     return {"median_us": statistics.median(us), "min_us": min(us), "max_us": max(us)}
 
 
+def _has_envoy_protos() -> bool:
+    try:
+        import envoy.service.ext_proc.v3.external_processor_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cases(quick: bool) -> list[Case]:
     return [
         decide_case(64, affinity=False),
@@ -285,6 +327,7 @@ def cases(quick: bool) -> list[Case]:
         hashing_case("uint32"),
         bodyscan_case("short"),
         bodyscan_case("chat"),
+        *([procmsg_case("request"), procmsg_case("response")] if _has_envoy_protos() else []),
         snapshot_case(340),
         membership_case(340),
         route_loop_case(64, 20_000 if quick else 100_000),
