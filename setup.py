@@ -39,7 +39,8 @@ extensions = [
         extra_compile_args=compile_args,
         language=language,
     )
-    for name, language in (("decide", "c"), ("hashing", "c"), ("bodyscan", "c"), ("procmsg", "c"), ("simcore", "c++"))
+    for name, language in (("decide", "c"), ("hashing", "c"), ("bodyscan", "c"), ("procmsg", "c"), ("pickstream", "c"),
+                           ("simcore", "c++"))
 ]
 
 

@@ -84,10 +84,13 @@ class AioStream:
 
 class BytesStream:
     """The native transport's side: the handler of ``native_stream()`` fed
-    serialized messages, as the gRPC C++ server's thread feeds it."""
+    serialized messages, as the gRPC C++ server's thread feeds it (the compiled
+    stream kernel where built)."""
+
+    compiled = None
 
     def __init__(self, p: EndpointPicker) -> None:
-        self.handle = p.native_stream()
+        self.handle = p.native_stream(compiled=self.compiled)
         self.answers: list = []
         self.done = False
         self.standing: dict = {}  # first byte -> (answer, notify): answered by the transport, as extproc_pump.h does
@@ -118,7 +121,13 @@ class BytesStream:
         await self.close()
 
 
-@pytest.fixture(params=[AioStream, BytesStream], ids=["aio", "native-handler"])
+class PythonBytesStream(BytesStream):
+    """The same with the Python handler (the stream kernel's twin)."""
+
+    compiled = False
+
+
+@pytest.fixture(params=[AioStream, BytesStream, PythonBytesStream], ids=["aio", "native-handler", "python-handler"])
 def Stream(request):  # noqa: N802 (a class, chosen per run)
     return request.param
 

@@ -24,6 +24,9 @@ import. ``native`` says which won. The kernel modules, each with a twin:
 ``procmsg`` (``_core/procmsg.pyx`` / ``_twin/procmsg.py``)
     ``read(data, header_keys)``: the fields of a serialized ext_proc
     ``ProcessingRequest`` the Envoy picker reads, without building the message.
+``pickstream`` (``_core/pickstream.pyx``; twin: the Envoy picker's Python handler)
+    ``Stream(picker, exchange)``: one ext_proc stream of the native transport, the
+    common request compiled (see ``EndpointPicker.native_stream``).
 ``simcore`` (``_core/simcore.pyx`` / ``sim/engine.py`` + ``sim/replica.py``)
     ``Engine(simulation, progress).run()``: the simulator's event loop and replica
     model; its twin is the Python engine itself (``Simulation(engine="python")``).
@@ -47,14 +50,17 @@ compiled_hashing: Optional[ModuleType]
 compiled_simcore: Optional[ModuleType]
 compiled_bodyscan: Optional[ModuleType]
 compiled_procmsg: Optional[ModuleType]
+compiled_pickstream: Optional[ModuleType]
 try:
     from ._core import bodyscan as compiled_bodyscan
     from ._core import procmsg as compiled_procmsg
+    from ._core import pickstream as compiled_pickstream
     from ._core import decide as compiled_decide
     from ._core import hashing as compiled_hashing
     from ._core import simcore as compiled_simcore
 except ImportError:  # not built (an sdist without a compiler, or a source checkout)
     compiled_decide = compiled_hashing = compiled_simcore = compiled_bodyscan = compiled_procmsg = None
+    compiled_pickstream = None
 
 native = compiled_decide is not None and not FORCED_TWIN
 _TWINS = {"decide": twin_decide, "hashing": twin_hashing, "bodyscan": twin_bodyscan, "procmsg": twin_procmsg}

@@ -106,8 +106,15 @@ cdef class Boundary:
     # size, exclusions and waited time set by the caller), decides and records under the
     # state's lock like Router.route; ``epoch`` is the snapshot's. ``release_c``:
     # what Router.complete gives back (``home``: the origin's home region, for queue).
+    # ``route_plain_c``: route_c recording only a plain route (the asked model, no
+    # shorter answer; 1), else recording nothing (0) - for a caller whose fast path
+    # covers that case only (the Envoy picker's stream kernel).
     cdef int resolve_names(self, model, origin, priority, int* ids) except -1
     cdef int ring_key(self, session, ReqC* req) except -1
     cdef int route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
                      int64_t* epoch) except -1
+    cdef int route_plain_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model,
+                           int64_t* retry, int64_t* epoch) except -1
+    cdef int _route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
+                      int64_t* epoch, bint plain_only) except -1
     cdef int release_c(self, int action, int replica, int64_t epoch, int home, double prefill_ms) except -1

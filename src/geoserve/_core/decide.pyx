@@ -1491,10 +1491,26 @@ cdef class Boundary:
 
     cdef int route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
                      int64_t* epoch) except -1:
+        self._route_c(snapshot, req, model, version, out, out_model, retry, epoch, False)
+        return 0
+
+    cdef int route_plain_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model,
+                           int64_t* retry, int64_t* epoch) except -1:
+        # route_c for a caller with a fast path for the plain route only: the
+        # decision is recorded only when it sends the request to the model it asked
+        # for (serve, overflow, or a degrade that neither changes the model nor
+        # shortens the answer); 1 then, else 0 and nothing is recorded (the caller
+        # asks again through Router.route, as if a moment later).
+        return self._route_c(snapshot, req, model, version, out, out_model, retry, epoch, True)
+
+    cdef int _route_c(self, snapshot, ReqC* req, int model, int version, PickC* out, int* out_model, int64_t* retry,
+                      int64_t* epoch, bint plain_only) except -1:
+        # decide and record under the state's lock (only a plain route when plain_only); whether it recorded
         cdef int64_t state_epoch
         cdef object state = self.state
         cdef SnapshotView sv = _snapshot_view(snapshot)
         cdef StateView tv = _state_view(state)
+        cdef bint record
         _class_of(&sv.f, req)
         self.acquire()
         try:
@@ -1503,12 +1519,16 @@ cdef class Boundary:
             state_epoch = state.epoch
             with nogil:
                 _decide(&sv.f, &sv.s, &tv.st, state_epoch, req, model, version, out, out_model, retry)
-                _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix, req.n_prefix,
-                        out.prefill)
+                record = not plain_only or (
+                    (out.action == SERVE or out.action == OVERFLOW or out.action == DEGRADE)
+                    and out_model[0] == model and shortened(out.action, req) == 0)
+                if record:
+                    _record(&sv.f, &sv.s, &tv.st, state_epoch, out.action, out.replica, req.origin, req.prefix,
+                            req.n_prefix, out.prefill)
         finally:
             self.release_lock()
         epoch[0] = sv.s.epoch
-        return 0
+        return record
 
     cpdef object fast_complete(self, decision, replica, ok):
         """Release what route() recorded; False to take the Python boundary (a

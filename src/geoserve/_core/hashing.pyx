@@ -18,7 +18,7 @@ import numpy as np
 
 cnp.import_array()
 
-from .common cimport XXH3_64bits, XXH3_64bits_withSeed, mix64
+from .common cimport XXH3_64bits, XXH3_64bits_withSeed, chain_hashes, mix64
 
 cdef bint LITTLE = sys.byteorder == "little"
 
@@ -136,15 +136,8 @@ cdef cnp.ndarray _chain(const char* data, Py_ssize_t size, int64_t block_bytes):
     # chained XXH3-64 of block_bytes-byte blocks (the last may be shorter)
     cdef Py_ssize_t n_blocks = (size + block_bytes - 1) // block_bytes
     cdef cnp.ndarray out = np.empty(n_blocks, dtype=np.uint64)
-    cdef uint64_t* hashes = <uint64_t*>cnp.PyArray_DATA(out)
-    cdef uint64_t h = 0
-    cdef Py_ssize_t b, start, count
     with nogil:
-        for b in range(n_blocks):
-            start = b * block_bytes
-            count = block_bytes if size - start > block_bytes else size - start
-            h = xxh3_64(data + start, count, h)
-            hashes[b] = h
+        chain_hashes(data, size, block_bytes, <uint64_t*>cnp.PyArray_DATA(out))
     return out
 
 

@@ -59,6 +59,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from .. import _compat
 from .._compat import kernels
 from .._twin.procmsg import (REQUEST_BODY, REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_BODY, RESPONSE_HEADERS,
                              RESPONSE_TRAILERS, Message)
@@ -256,54 +257,70 @@ class EndpointPicker:
         finally:
             self._close(ex)
 
-    def native_stream(self) -> Callable[[Optional[bytes]], Optional[tuple]]:
+    def native_stream(self, compiled: Optional[bool] = None) -> Callable[[Optional[bytes]], Optional[tuple]]:
         """A handler for one stream of the native transport: serialized
         ``ProcessingRequest`` in, ``(serialized answers, stream ends[, standing
         answers])`` out, run on the server's thread for that stream (a hold sleeps
         there); ``None`` in when the stream has ended. Once the picker has decided,
         it hands the transport the answers that no longer depend on what arrives
-        (``_standing``), so that Envoy gets them without a call into Python."""
-        ex = self._open()
+        (``_standing_for``), so that Envoy gets them without a call into Python.
 
+        Where the compiled kernels are built the handler is the stream kernel
+        (``_core/pickstream.pyx``: the common request - STREAMED body, a plain
+        route - without the interpreter, handing the stream to this Python handler,
+        its twin, for everything else); ``compiled`` forces one or the other."""
+        ex = self._open()
+        kernel = _stream_kernel() if compiled is not False else None
+        if compiled and kernel is None:
+            raise RuntimeError("the compiled stream kernel is not built in this install")
+        return kernel.Stream(self, ex) if kernel is not None else self._handler(ex)
+
+    def _handler(self, ex: _Exchange) -> Callable[[Optional[bytes]], Optional[tuple]]:
+        """The Python handler of ``native_stream`` for the stream of ``ex``."""
         def handle(data: Optional[bytes]) -> Optional[tuple]:
             if data is None:
                 self._close(ex)
                 return None
             try:
-                answers = []
-                for step in self._steps(ex, read_message(data, _READ_HEADERS)):
-                    if isinstance(step, float):
-                        time.sleep(step)
-                    else:
-                        answers.append(step)
-                if ex.finished:
-                    return answers, True, None
-                if ex.standing or ex.decision is None or ex.holding:
-                    return answers, False
-                ex.standing = True
-                return answers, False, self._standing(ex)
+                return self._native(ex, self._steps(ex, read_message(data, _READ_HEADERS)))
             except Exception:
                 self._failed()
                 raise
 
         return handle
 
-    def _standing(self, ex: _Exchange) -> tuple:
-        """The native transport's standing answers once ``ex`` is decided (and not
-        holding its body): exactly what ``_steps`` would answer, given at once -
+    def _native(self, ex: _Exchange, steps: Iterator[Any]) -> tuple:
+        """Drive one message's steps the native transport's way (a hold sleeps on
+        the stream's thread): ``(answers, stream ends[, standing answers])``."""
+        answers = []
+        for step in steps:
+            if isinstance(step, float):
+                time.sleep(step)
+            else:
+                answers.append(step)
+        if ex.finished:
+            return answers, True, None
+        if ex.standing or ex.decision is None or ex.holding:
+            return answers, False
+        ex.standing = True
+        return answers, False, self._standing_for(ex.decision.version, ex.mode == FULL_DUPLEX)
+
+    def _standing_for(self, version: Optional[str], duplex: bool) -> tuple:
+        """The native transport's standing answers once a request is decided (and
+        not holding its body): exactly what ``_steps`` would answer, given at once -
         the rest of the body chunks are acknowledged (echoed in full duplex: not
         standing), the response headers get their answer (the version stamp) and
         the response body and trailers theirs; the response headers and body are
         still handed to the picker after the answer has gone (notify), for the
         release."""
-        key = (ex.decision.version, ex.mode == FULL_DUPLEX)
+        key = (version, duplex)
         standing = self._standing_answers.get(key)
         if standing is None:
-            standing = ((_first_byte(RESPONSE_HEADERS), self._response_answer(ex.decision), True),
+            standing = ((_first_byte(RESPONSE_HEADERS), self._stamp(version), True),
                         (_first_byte(RESPONSE_BODY), _CONTINUE_RESPONSE_BODY, True),
                         (_first_byte(REQUEST_TRAILERS), _CONTINUE_TRAILERS, False),
                         (_first_byte(RESPONSE_TRAILERS), _CONTINUE_RESPONSE_TRAILERS, False))
-            if ex.mode != FULL_DUPLEX:
+            if not duplex:
                 standing += ((_first_byte(REQUEST_BODY), _CONTINUE_BODY, False),)
             self._standing_answers[key] = standing
         return standing
@@ -331,24 +348,42 @@ class EndpointPicker:
             if ex.mode == FULL_DUPLEX:
                 return [_echo(chunk, end)]
             return [_CONTINUE_BODY]
+        try:
+            if not self._take(ex, chunk, end):
+                return []
+        except Reject as reject:
+            return [self._reject(ex, reject)]
+        return (yield from self._decide_body(ex, end))
+
+    def _take(self, ex: _Exchange, chunk: bytes, end: bool) -> bool:
+        """A body chunk in: whether the picker can decide now (Reject when the body is bad)."""
         ex.owed.append((chunk, end))
         ex.body_bytes += len(chunk)
+        if ex.body_bytes > self.max_body_bytes:
+            raise Reject(413, f"the body is over {self.max_body_bytes} bytes")
         try:
-            if ex.body_bytes > self.max_body_bytes:
-                raise Reject(413, f"the body is over {self.max_body_bytes} bytes")
-            try:
-                ex.scanner.feed(chunk, end)
-            except BodyError as err:
-                raise Reject(400, str(err)) from None
-            if ex.holding and not end:
-                return []
-            if not ex.holding and not self._ready(ex, end):
-                return []
-            if end:
-                try:  # the whole body is here: hold it to full JSON, not just its top level
-                    msgspec.json.decode(ex.scanner.buffer)
-                except msgspec.DecodeError as err:
-                    raise Reject(400, f"the body is not valid JSON: {err}") from None
+            ex.scanner.feed(chunk, end)
+        except BodyError as err:
+            raise Reject(400, str(err)) from None
+        if ex.holding:
+            if not end:
+                return False
+        elif not self._ready(ex, end):
+            return False
+        if end:
+            self._check_json(ex)
+        return True
+
+    @staticmethod
+    def _check_json(ex: _Exchange) -> None:
+        try:  # the whole body is here: hold it to full JSON, not just its top level
+            msgspec.json.decode(ex.scanner.buffer)
+        except msgspec.DecodeError as err:
+            raise Reject(400, f"the body is not valid JSON: {err}") from None
+
+    def _decide_body(self, ex: _Exchange, end: bool) -> Generator[float, None, list]:
+        """The decision once the body allows it (its holds yielded), and the answers."""
+        try:
             decision = ex.decision if ex.holding else (yield from self._deciding(ex))
         except Reject as reject:
             return [self._reject(ex, reject)]
@@ -413,20 +448,12 @@ class EndpointPicker:
     def _route_answers(self, ex: _Exchange, decision: Decision) -> list:
         edits = self._edits(ex, decision)
         if not edits and ex.mode == STREAMED:  # the common answer: the same for every request to these hosts
-            routed = (decision.endpoint, decision.fallback_endpoints)
-            answer = self._routed.get(routed)
-            if answer is None:
-                if len(self._routed) >= 4096:  # bounded: fallback orders vary
-                    self._routed.clear()
-                mutation, metadata = self._destination(decision)
-                answer = self._routed[routed] = pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata).SerializeToString()
             owed, ex.owed = ex.owed, []
-            return [answer] + [_CONTINUE_BODY] * len(owed)
+            return [self._routed_answer(decision.endpoint, decision.fallback_endpoints)] + [_CONTINUE_BODY] * len(owed)
         content_length = None
         if edits and ex.content_length is not None:
             content_length = ex.content_length + sum(len(new) - (end - start) for start, end, new in edits)
-        mutation, metadata = self._destination(decision, content_length)
+        mutation, metadata = self._destination(decision.endpoint, decision.fallback_endpoints, content_length)
         owed, ex.owed = ex.owed, []
         body = b"".join(c for c, _ in owed)
         for start, stop, new in edits:  # last first: earlier offsets stay valid
@@ -447,13 +474,26 @@ class EndpointPicker:
             answers.extend([_CLEAR_BODY] * len(owed[1:]))
         return answers
 
+    def _routed_answer(self, endpoint: str, fallbacks: tuple) -> bytes:
+        """The headers answer that routes to ``endpoint`` (``fallbacks`` in the
+        metadata), built once per destination."""
+        routed = (endpoint, fallbacks)
+        answer = self._routed.get(routed)
+        if answer is None:
+            if len(self._routed) >= 4096:  # bounded: fallback orders vary
+                self._routed.clear()
+            mutation, metadata = self._destination(endpoint, fallbacks)
+            answer = self._routed[routed] = pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata).SerializeToString()
+        return answer
+
     @staticmethod
-    def _destination(decision: Decision, content_length: Optional[int] = None) -> tuple:
+    def _destination(endpoint: str, fallbacks: tuple, content_length: Optional[int] = None) -> tuple:
         """The header mutation and ``envoy.lb`` metadata that send a request to
-        ``decision``'s endpoint (fallbacks in the metadata), with a new
-        content-length when the body was edited."""
-        primary = host_port(decision.endpoint)
-        hosts = [primary] + [host_port(e) for e in decision.fallback_endpoints]
+        ``endpoint`` (``fallbacks`` in the metadata), with a new content-length
+        when the body was edited."""
+        primary = host_port(endpoint)
+        hosts = [primary] + [host_port(e) for e in fallbacks]
         set_headers = [_header(DESTINATION_HEADER, primary)]
         if content_length is not None:
             set_headers.append(_header("content-length", str(content_length)))
@@ -478,17 +518,17 @@ class EndpointPicker:
         served = self.replica_at(message.upstream) if message.upstream is not None else None
         if ex.response_body_mode == _MODES.NONE or message.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
-        return self._response_answer(ex.decision)
+        return self._stamp(ex.decision.version if ex.decision is not None else None)
 
-    def _response_answer(self, decision: Optional[Decision]) -> bytes:
+    def _stamp(self, version: Optional[str]) -> bytes:
         """The response headers' answer: the version stamp (built once per version)."""
-        if decision is None or decision.version is None:
+        if version is None:
             return _CONTINUE_RESPONSE_HEADERS
-        stamp = self._stamps.get(decision.version)
+        stamp = self._stamps.get(version)
         if stamp is None:
-            stamp = self._stamps[decision.version] = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            stamp = self._stamps[version] = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    set_headers=[_header(VERSION_HEADER, decision.version)])))).SerializeToString()
+                    set_headers=[_header(VERSION_HEADER, version)])))).SerializeToString()
         return stamp
 
     def _release(self, ex: _Exchange, ok: bool, replica: Optional[str] = None) -> None:
@@ -523,6 +563,12 @@ _REMOVE_DESTINATION = pb.ProcessingResponse(request_headers=pb.HeadersResponse(r
     header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER])))).SerializeToString()
 _CLEAR_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
     body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
+
+
+def _stream_kernel():
+    """The compiled stream kernel (``_core/pickstream``), or None (not built, or
+    GEOSERVE_NO_EXTENSIONS=1)."""
+    return None if _compat.FORCED_TWIN else _compat.compiled_pickstream
 
 
 # ---------------------------------------------------------------- the server
