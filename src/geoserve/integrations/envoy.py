@@ -269,10 +269,12 @@ class EndpointPicker:
         (``_core/pickstream.pyx``: the common request - STREAMED body, a plain
         route - without the interpreter, handing the stream to this Python handler,
         its twin, for everything else); ``compiled`` forces one or the other."""
-        ex = self._open()
-        kernel = _stream_kernel() if compiled is not False else None
+        kernel = _compat.compiled_pickstream
         if compiled and kernel is None:
             raise RuntimeError("the compiled stream kernel is not built in this install")
+        if compiled is False or (compiled is None and _compat.FORCED_TWIN):
+            kernel = None
+        ex = self._open()
         return kernel.Stream(self, ex) if kernel is not None else self._handler(ex)
 
     def _handler(self, ex: _Exchange) -> Callable[[Optional[bytes]], Optional[tuple]]:
@@ -563,12 +565,6 @@ _REMOVE_DESTINATION = pb.ProcessingResponse(request_headers=pb.HeadersResponse(r
     header_mutation=pb.HeaderMutation(remove_headers=[DESTINATION_HEADER])))).SerializeToString()
 _CLEAR_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
     body_mutation=pb.BodyMutation(clear_body=True)))).SerializeToString()
-
-
-def _stream_kernel():
-    """The compiled stream kernel (``_core/pickstream``), or None (not built, or
-    GEOSERVE_NO_EXTENSIONS=1)."""
-    return None if _compat.FORCED_TWIN else _compat.compiled_pickstream
 
 
 # ---------------------------------------------------------------- the server
