@@ -172,6 +172,60 @@ def procmsg_case(kind: str) -> Case:
                 lambda: twin.read(data, _READ_HEADERS))
 
 
+def picker_stream_case(per_region: int) -> Case:
+    """One request through the Envoy picker's native-transport handler, as Envoy
+    sends it for the doc's config: the stream opened, its request headers (10,
+    with the protocol configuration), a 2 KB completion body in one chunk (routed
+    on a 3x``per_region`` fleet), the response headers with ``upstream.address``,
+    the stream's end. The stream kernel (``_core/pickstream``) against the
+    picker's Python handler, its twin. Needs the [envoy] extra."""
+    import json
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from google.protobuf import struct_pb2
+
+    from .integrations.envoy import EndpointPicker, PickerMetrics
+
+    body = json.dumps({"model": "llama-70b", "prompt": "Summarise the report below. " * 70, "max_tokens": 128}).encode()
+
+    def headers(pairs):
+        return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]))
+
+    request = pb.ProcessingRequest(request_headers=headers([
+        (":authority", "gateway.example:10000"), (":path", "/v1/completions"), (":method", "POST"), (":scheme", "http"),
+        ("user-agent", "openai-python/1.51"), ("content-type", "application/json"), ("content-length", str(len(body))),
+        ("x-forwarded-proto", "http"), ("x-geoserve-origin", "us-east"),
+        ("x-request-id", "0b8c9f1e-1a2b-4c3d-9e8f-123456789abc")]),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=1, send_body_without_waiting_for_header_response=True))
+    chunk = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+    calls = {}
+    for impl, compiled in (("native", True), ("python", False)):
+        router = Router(fleet_topology(per_region))
+        picker = EndpointPicker(router, region="us-east", metrics=PickerMetrics())
+        picker.update(columns(router))
+        messages = [request.SerializeToString(), chunk.SerializeToString()]
+        handle = picker.native_stream(compiled=compiled)  # where the request goes (it stays there: its prefix)
+        handle(messages[0])
+        routed = pb.ProcessingResponse.FromString(handle(messages[1])[0][0])
+        handle(None)
+        attributes = struct_pb2.Struct()
+        attributes.update({"upstream.address": routed.request_headers.response.header_mutation.set_headers[0]
+                           .header.raw_value.decode()})
+        messages.append(pb.ProcessingRequest(response_headers=headers([(":status", "200")]), attributes={
+            "envoy.filters.http.ext_proc": attributes}).SerializeToString())
+
+        def one(picker=picker, compiled=compiled, messages=messages):
+            handle = picker.native_stream(compiled=compiled)
+            for message in messages:
+                handle(message)
+            handle(None)
+
+        calls[impl] = one
+    return Case(f"picker_stream/{3 * per_region}/one-request", 3 * per_region, calls["native"], calls["python"])
+
+
 def snapshot_case(per_region: int) -> Case:
     topo = fleet_topology(per_region)
     calls = {}
@@ -327,7 +381,7 @@ def cases(quick: bool) -> list[Case]:
         hashing_case("uint32"),
         bodyscan_case("short"),
         bodyscan_case("chat"),
-        *([procmsg_case("request"), procmsg_case("response")] if _has_envoy_protos() else []),
+        *([procmsg_case("request"), procmsg_case("response"), picker_stream_case(64)] if _has_envoy_protos() else []),
         snapshot_case(340),
         membership_case(340),
         route_loop_case(64, 20_000 if quick else 100_000),
