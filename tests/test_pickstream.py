@@ -200,3 +200,47 @@ def test_the_common_request_never_reaches_python():
     t.send(response_message("200", routed.header.raw_value.decode(), False).SerializeToString())
     assert t.handle(None) is None
     assert calls == [] and int(p.router.state.pending.sum()) == 0
+
+
+@pytest.mark.parametrize("change", ["drop-routed", "drop-other", "add"])
+@pytest.mark.parametrize("served", ["routed", "none", "other"])
+def test_a_membership_change_between_routing_and_release(change, served):
+    """The fleet changes while a routed request is in flight (the replica that took
+    it removed, another removed, one added): the response's release lands as the
+    Python handler's does, on the new fleet's state."""
+    topo = topology(None)
+    pickers = [picker(topo, [0, 0, 0, 0], 16) for _ in range(2)]
+    body = json.dumps({"model": "big", "prompt": "hello " * 100}).encode()
+    head = headers_message([("content-length", str(len(body)))], MODES.STREAMED, True, False).SerializeToString()
+    chunk = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)).SerializeToString()
+    streams = [Transport(p.native_stream(compiled=c)) for p, c in zip(pickers, (True, False))]
+    outs = [(s.send(head), s.send(chunk)) for s in streams]
+    assert outs[0] == outs[1]
+    answer = pb.ProcessingResponse.FromString(outs[0][1][0][0])
+    endpoint = answer.request_headers.response.header_mutation.set_headers[0].header.raw_value.decode()
+    routed_id = next(k for k, v in ENDPOINTS.items() if v == endpoint)
+    deployments = list(topo.deployments)
+    us_big = deployments[0]
+    if change == "add":
+        extra = g.ReplicaSpec(id="b9", endpoint="10.0.0.9:8000")
+        deployments[0] = g.Deployment(model="big", version="v1", region="us", decode_slots=8,
+                                      replicas=us_big.replicas + (extra,))
+    else:
+        drop = routed_id if change == "drop-routed" else next(r.id for r in us_big.replicas if r.id != routed_id)
+        if drop not in {r.id for r in us_big.replicas}:
+            pytest.skip("routed outside us/big")
+        deployments[0] = g.Deployment(model="big", version="v1", region="us", decode_slots=8,
+                                      replicas=tuple(r for r in us_big.replicas if r.id != drop))
+    new = g.Topology(regions=topo.regions, rtt_ms=topo.rtt_ms, deployments=tuple(deployments),
+                     fallbacks=topo.fallbacks, aliases=topo.aliases, priorities=topo.priorities)
+    for p in pickers:
+        p.router.update_topology(new)
+        n = p.router.fleet.n_replicas
+        p.update(g.SignalColumns(now_ms=1.0, observed_ms=np.ones(n), in_flight=np.zeros(n, np.int32),
+                                 queue_depth=np.zeros(n, np.int32)))
+    upstream = {"routed": endpoint, "none": None, "other": "10.1.0.1:8000"}[served]
+    response = response_message("200", upstream, False).SerializeToString()
+    assert streams[0].send(response) == streams[1].send(response)
+    assert streams[0].handle(None) is None and streams[1].handle(None) is None
+    assert state_of(pickers[0]) == state_of(pickers[1])
+    assert metrics_of(pickers[0]) == metrics_of(pickers[1])
