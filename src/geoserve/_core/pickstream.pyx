@@ -13,7 +13,7 @@
 # where what the kernel did is what the Python handler would have done; once the
 # kernel has routed, the hand-over gives the exchange the Decision it would have
 # had. tests/test_pickstream.py holds the two together, message by message.
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
