@@ -208,9 +208,34 @@ def test_stop_cancels_open_streams_and_waits_for_their_handlers():
     channel.close()
 
 
+def test_more_methods_are_served_as_raw_streams_beside_process():
+    """Envoy's access log stream (client-streaming: it reads no answer until the
+    end) on the same server: its own factory's handlers see its messages and its
+    end; Process is unaffected."""
+    logs = Recorder(lambda data: ([], False))
+    process = Recorder(lambda data: ([b"ok"], False))
+    path = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+    server = NativeServer(process, {path: logs})
+    port = server.start("127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        response, call = channel.stream_unary(path).with_call(iter([b"e1", b"e2"]), timeout=5)
+        assert call.code() == grpc.StatusCode.OK
+        assert logs.streams == [[b"e1", b"e2", None]]
+        assert list(channel.stream_stream(METHOD)(iter([b"x"]))) == [b"ok"]
+        assert process.streams == [[b"x", None]]
+    finally:
+        channel.close()
+        server.stop(0.1)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(TypeError):
         NativeServer(42)
+    with pytest.raises(TypeError):
+        NativeServer(lambda: None, {"/a.B/C": 42})
+    with pytest.raises(ValueError, match="path"):
+        NativeServer(lambda: None, {"StreamAccessLogs": lambda: None})
     server = NativeServer(lambda: None)
     with pytest.raises(OSError):
         server.start("not-an-address", 0)

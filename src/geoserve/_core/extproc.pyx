@@ -1,7 +1,7 @@
 # distutils: language = c++
 # The native transport of the Envoy endpoint picker (extproc_pump.h): a gRPC C++
-# server that moves ext_proc's messages as bytes between Envoy and a Python handler
-# per stream. Built only where gRPC C++ is installed (setup.py); the picker's
+# server that moves the messages of streaming methods (ext_proc's, the access log
+# service's) as bytes between Envoy and a Python handler per stream. Built only where gRPC C++ is installed (setup.py); the picker's
 # logic is geoserve.integrations.envoy's, the same for both transports.
 from cpython.ref cimport PyObject
 from libcpp.string cimport string
@@ -9,26 +9,38 @@ from libcpp.string cimport string
 
 cdef extern from "extproc_pump.h" namespace "geoserve" nogil:
     cdef cppclass PumpServer:
-        PumpServer(PyObject* factory)
+        PumpServer()
+        void Add(const string& path, PyObject* factory)
         int Start(const string& host, int port, int max_message_bytes, int max_pollers)
         void SetServing(const string& service, bint serving)
         void Stop(int grace_ms)
 
 
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
 cdef class NativeServer:
     """``factory()`` -> a handler per ext_proc stream (see extproc_pump.h);
-    ``start(host, port)`` binds and returns the port; ``stop(grace_s)`` cancels what
-    is still open after the grace and waits for every handler to return."""
+    ``methods``: more streaming methods, full path -> factory (a client-streaming
+    method's handlers answer nothing); ``start(host, port)`` binds and returns the
+    port; ``stop(grace_s)`` cancels what is still open after the grace and waits
+    for every handler to return."""
 
     cdef PumpServer* server
-    cdef object factory
+    cdef dict factories
     cdef readonly int port
 
-    def __cinit__(self, factory):
-        if not callable(factory):
-            raise TypeError("factory must be callable")
-        self.factory = factory
-        self.server = new PumpServer(<PyObject*>factory)
+    def __cinit__(self, factory, methods=None):
+        factories = {PROCESS: factory, **(methods or {})}
+        for path, made in factories.items():
+            if not isinstance(path, str) or not path.startswith("/") or path.count("/") != 2:
+                raise ValueError(f"a method's path is /package.Service/Method, not {path!r}")
+            if not callable(made):
+                raise TypeError(f"the factory of {path} must be callable")
+        self.factories = factories  # kept alive here: the server borrows them
+        self.server = new PumpServer()
+        for path, made in factories.items():
+            self.server.Add(path.encode(), <PyObject*>made)
         self.port = 0
 
     def __dealloc__(self):

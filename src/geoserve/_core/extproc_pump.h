@@ -1,10 +1,13 @@
 // The native transport of the Envoy endpoint picker: a gRPC C++ server (sync API)
-// that serves /envoy.service.ext_proc.v3.ExternalProcessor/Process as raw bytes
-// and the standard gRPC health service. It knows nothing of ext_proc's messages:
-// per stream it asks the Python factory for a handler, hands it every message as
-// bytes (with the GIL, taken only around that call) and writes back the bytes it
-// answers. All of the picker's logic stays in geoserve.integrations.envoy, shared
-// with the pure-Python (grpc.aio) transport; this file only moves bytes.
+// that serves streaming methods as raw bytes - ext_proc's
+// /envoy.service.ext_proc.v3.ExternalProcessor/Process, and the gRPC access log
+// service Envoy reports finished requests on - and the standard gRPC health
+// service. It knows nothing of their messages: per stream it asks the method's
+// Python factory for a handler, hands it every message as bytes (with the GIL,
+// taken only around that call) and writes back the bytes it answers (an access log
+// stream's handler answers nothing). All of the picker's logic stays in
+// geoserve.integrations.envoy, shared with the pure-Python (grpc.aio) transport;
+// this file only moves bytes.
 //
 // The handler contract: handler(bytes) -> (list[bytes], bool done[, standing]): the
 // answers in order, whether the stream ends after them (an immediate response),
@@ -59,11 +62,14 @@ class StreamGil {
   PyThreadState* saved_;  // null while this thread holds the GIL
 };
 
+// One streaming method served as raw bytes (a client-streaming one too: on the
+// wire it is the same stream, and its handler writes nothing). Registered as a
+// method of its own service, so a server holds one per method path.
 class RawProcessor final : public grpc::Service {
  public:
-  explicit RawProcessor(PyObject* factory) : factory_(factory) {
+  RawProcessor(const std::string& path, PyObject* factory) : path_(path), factory_(factory) {
     AddMethod(new grpc::internal::RpcServiceMethod(
-        "/envoy.service.ext_proc.v3.ExternalProcessor/Process", grpc::internal::RpcMethod::BIDI_STREAMING,
+        path_.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING,
         new grpc::internal::BidiStreamingHandler<RawProcessor, grpc::ByteBuffer, grpc::ByteBuffer>(
             [](RawProcessor* self, grpc::ServerContext*, RawStream* stream) { return self->Process(stream); },
             this)));
@@ -209,13 +215,17 @@ class RawProcessor final : public grpc::Service {
     return true;
   }
 
+  std::string path_;  // the method's full path (gRPC keeps a pointer to it)
   PyObject* factory_;  // borrowed: the Python owner keeps it alive while the server runs
 };
 
-// The server: ext_proc's Process as raw bytes plus gRPC's default health service.
+// The server: raw streaming methods plus gRPC's default health service.
 class PumpServer {
  public:
-  explicit PumpServer(PyObject* factory) : service_(factory) {}
+  // A method path and its factory (borrowed, as above); before Start.
+  void Add(const std::string& path, PyObject* factory) {
+    services_.push_back(std::make_unique<RawProcessor>(path, factory));
+  }
 
   // Listens on host:port (0: any free port); returns the bound port, 0 on failure.
   int Start(const std::string& host, int port, int max_message_bytes, int max_pollers) {
@@ -227,7 +237,7 @@ class PumpServer {
     builder.SetMaxReceiveMessageSize(max_message_bytes);
     builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, 1);
     builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, max_pollers);
-    builder.RegisterService(&service_);
+    for (auto& service : services_) builder.RegisterService(service.get());
     server_ = builder.BuildAndStart();
     if (server_ == nullptr || bound == 0) {
       server_.reset();
@@ -251,7 +261,7 @@ class PumpServer {
   }
 
  private:
-  RawProcessor service_;
+  std::vector<std::unique_ptr<RawProcessor>> services_;
   std::unique_ptr<grpc::Server> server_;
 };
 
