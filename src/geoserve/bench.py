@@ -140,9 +140,12 @@ def bodyscan_case(kind: str) -> Case:
 
 def procmsg_case(kind: str) -> Case:
     """The Envoy picker's message reader on what Envoy sends: request headers (10
-    headers, the protocol configuration) or response headers with the
-    ``upstream.address`` attribute. Needs the [envoy] extra (its protobufs build
-    the messages and are the twin)."""
+    headers, the protocol configuration), response headers with the
+    ``upstream.address`` attribute, or one entry of its access log (the fields
+    Envoy 1.40 fills for a routed request). Needs the [envoy] extra (its protobufs
+    build the messages and are the twin)."""
+    if kind == "access_log":
+        return _access_log_case()
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from google.protobuf import struct_pb2
@@ -170,6 +173,44 @@ def procmsg_case(kind: str) -> Case:
     native, twin = _compat.kernels("native", "procmsg"), _compat.kernels("python", "procmsg")
     return Case(f"procmsg/{kind}_headers/{len(data)}B", 0, lambda: native.read(data, _READ_HEADERS),
                 lambda: twin.read(data, _READ_HEADERS))
+
+
+def _access_log_case() -> Case:
+    from envoy.config.core.v3 import address_pb2
+    from envoy.data.accesslog.v3 import accesslog_pb2 as al
+    from envoy.service.accesslog.v3 import als_pb2
+    from google.protobuf import duration_pb2
+
+    def address(port):
+        return address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.0.3.17", port_value=port))
+
+    common = al.AccessLogCommon(
+        downstream_remote_address=address(53810), downstream_local_address=address(10000),
+        downstream_direct_remote_address=address(53810), upstream_remote_address=address(8000),
+        upstream_local_address=address(39802), upstream_cluster="geoserve_endpoints",
+        stream_id="c3ee8345-84cc-4ff1-9a1e-a5d852e7e332", upstream_request_attempt_count=1,
+        downstream_wire_bytes_sent=535, downstream_wire_bytes_received=8901, upstream_wire_bytes_sent=9070,
+        upstream_wire_bytes_received=497, access_log_type=al.DownstreamEnd)
+    common.start_time.GetCurrentTime()
+    for name, nanos in (("time_to_last_rx_byte", 175981), ("time_to_first_upstream_tx_byte", 1041767),
+                        ("time_to_last_upstream_tx_byte", 1070259), ("time_to_first_upstream_rx_byte", 13775593),
+                        ("time_to_last_upstream_rx_byte", 13894028), ("time_to_first_downstream_tx_byte", 13864054),
+                        ("time_to_last_downstream_tx_byte", 13907058), ("duration", 13914459)):
+        getattr(common, name).CopyFrom(duration_pb2.Duration(nanos=nanos))
+    common.metadata.filter_metadata["envoy.lb"].update({"x-gateway-destination-endpoint": "10.0.3.17:8000,10.0.3.18:8000"})
+    entry = al.HTTPAccessLogEntry(
+        common_properties=common, protocol_version=al.HTTPAccessLogEntry.HTTP11,
+        request=al.HTTPRequestProperties(request_method=2, scheme="http", authority="gateway.example:10000",
+                                         path="/v1/completions", request_id="c3ee8345-84cc-4ff1-9a1e-a5d852e7e332",
+                                         request_headers_bytes=252, request_body_bytes=8764),
+        response=al.HTTPResponseProperties(response_headers_bytes=187, response_body_bytes=311,
+                                           response_code_details="via_upstream"))
+    entry.response.response_code.value = 200
+    data = als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+        log_entry=[entry])).SerializeToString()
+    native, twin = _compat.kernels("native", "procmsg"), _compat.kernels("python", "procmsg")
+    return Case(f"procmsg/access_log_entry/{len(data)}B", 0, lambda: native.read_access_log(data),
+                lambda: twin.read_access_log(data))
 
 
 def picker_stream_case(per_region: int) -> Case:
@@ -381,7 +422,8 @@ def cases(quick: bool) -> list[Case]:
         hashing_case("uint32"),
         bodyscan_case("short"),
         bodyscan_case("chat"),
-        *([procmsg_case("request"), procmsg_case("response"), picker_stream_case(64)] if _has_envoy_protos() else []),
+        *([procmsg_case("request"), procmsg_case("response"), procmsg_case("access_log"), picker_stream_case(64)]
+          if _has_envoy_protos() else []),
         snapshot_case(340),
         membership_case(340),
         route_loop_case(64, 20_000 if quick else 100_000),

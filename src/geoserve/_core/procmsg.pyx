@@ -1,20 +1,22 @@
-# The compiled twin of geoserve._twin.procmsg.read: the fields of one serialized
-# ext_proc ProcessingRequest the Envoy picker reads, taken straight from the wire
-# format without building the message (the protobuf library builds every header as
-# an object; the picker reads five). Protobuf's rules where a serializer can write
-# them: a singular field seen twice - the last wins, a message merged; a oneof
-# member replaced by another clears it; map entries - the last of a key wins;
-# unknown fields skipped. tests/test_procmsg.py holds it to the twin.
+# The compiled twin of geoserve._twin.procmsg: the fields the Envoy picker reads of
+# one serialized ext_proc ProcessingRequest (read) and of one message of Envoy's
+# access log stream (read_access_log), taken straight from the wire format without
+# building the message (the protobuf library builds every header, every timestamp
+# as an object; the picker reads a handful). Protobuf's rules where a serializer
+# can write them: a singular field seen twice - the last wins, a message merged; a
+# oneof member replaced by another clears it; map entries - the last of a key
+# wins; unknown fields skipped. tests/test_procmsg.py holds it to the twin.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeLatin1, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, uint64_t
 from libc.string cimport memcmp
 
-from geoserve._twin.procmsg import (FILTER_ATTRIBUTES, REQUEST_BODY, REQUEST_HEADERS, RESPONSE_BODY, RESPONSE_HEADERS,
-                                    UPSTREAM_ADDRESS, WireError)
+from geoserve._twin.procmsg import (FILTER_ATTRIBUTES, LB_NAMESPACE, REQUEST_BODY, REQUEST_HEADERS, RESPONSE_BODY,
+                                    RESPONSE_HEADERS, UPSTREAM_ADDRESS, WireError)
 
 cdef bytes ATTRIBUTES_KEY = FILTER_ATTRIBUTES.encode()
 cdef bytes UPSTREAM_KEY = UPSTREAM_ADDRESS.encode()
+cdef bytes LB_KEY = LB_NAMESPACE.encode()
 
 
 cdef class Message:
@@ -54,7 +56,7 @@ cdef inline int varint(Cursor* c, uint64_t* out) except -1:
         shift += 7
         if shift >= 70:
             break
-    raise WireError("not an ext_proc ProcessingRequest: a malformed varint")
+    raise WireError("malformed protobuf: a malformed varint")
 
 
 cdef inline int tag(Cursor* c, int* field, int* wire) except -1:
@@ -65,7 +67,7 @@ cdef inline int tag(Cursor* c, int* field, int* wire) except -1:
         return 0
     varint(c, &key)
     if key >> 3 == 0 or key >> 3 > 536870911:
-        raise WireError("not an ext_proc ProcessingRequest: a field numbered 0")
+        raise WireError("malformed protobuf: a field numbered 0")
     field[0] = <int>(key >> 3)
     wire[0] = <int>(key & 7)
     return 0
@@ -76,7 +78,7 @@ cdef inline int chunk(Cursor* c, Span* out) except -1:
     cdef uint64_t size
     varint(c, &size)
     if size > <uint64_t>(c.end - c.pos):
-        raise WireError("not an ext_proc ProcessingRequest: a field runs past the end")
+        raise WireError("malformed protobuf: a field runs past the end")
     out.at = c.buf + c.pos
     out.size = <Py_ssize_t>size
     c.pos += <Py_ssize_t>size
@@ -87,14 +89,14 @@ cdef int skip_group(Cursor* c, int group, int depth) except -1:
     # an (unknown) group's fields up to its end tag
     cdef int field, wire
     if depth > 100:
-        raise WireError("not an ext_proc ProcessingRequest: groups nested too deep")
+        raise WireError("malformed protobuf: groups nested too deep")
     while True:
         tag(c, &field, &wire)
         if field == 0:
-            raise WireError("not an ext_proc ProcessingRequest: a group without its end")
+            raise WireError("malformed protobuf: a group without its end")
         if wire == 4:
             if field != group:
-                raise WireError("not an ext_proc ProcessingRequest: a group's end does not match")
+                raise WireError("malformed protobuf: a group's end does not match")
             return 0
         if wire == 3:
             skip_group(c, field, depth + 1)
@@ -113,10 +115,10 @@ cdef inline int skip(Cursor* c, int wire, int field=0) except -1:
         chunk(c, &span)
     elif wire == 1 or wire == 5:
         if c.end - c.pos < (8 if wire == 1 else 4):
-            raise WireError("not an ext_proc ProcessingRequest: a field runs past the end")
+            raise WireError("malformed protobuf: a field runs past the end")
         c.pos += 8 if wire == 1 else 4
     else:
-        raise WireError(f"not an ext_proc ProcessingRequest: wire type {wire}")
+        raise WireError(f"malformed protobuf: wire type {wire}")
     return 0
 
 
@@ -136,7 +138,7 @@ cdef inline str utf8(Span span):
     try:
         return PyUnicode_DecodeUTF8(<const char*>span.at, span.size, NULL)
     except UnicodeDecodeError:
-        raise WireError("not an ext_proc ProcessingRequest: a string that is not UTF-8") from None
+        raise WireError("malformed protobuf: a string that is not UTF-8") from None
 
 
 cdef dict _wanted_cache = {}
@@ -383,3 +385,198 @@ cdef int skip_message(Span span) except -1:
         if field == 0:
             return 0
         skip(&c, wire, field)
+
+
+# ---------------------------------------------------------------- the access log
+cdef struct LogEntry:
+    Span request_id
+    bint has_request_id
+    uint64_t status
+    Span host
+    bint has_host
+    uint64_t port
+    bint routed
+
+
+cdef int read_socket(Span span, LogEntry* e) except -1:
+    # SocketAddress, merged into what came before: address 2; port_value 3 or named_port 4 (a oneof)
+    cdef Cursor c = within(span)
+    cdef int field, wire
+    cdef Span ignored
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return 0
+        if field == 2 and wire == 2:
+            chunk(&c, &e.host)
+            e.has_host = True
+        elif field == 3 and wire == 0:
+            varint(&c, &e.port)
+            e.port &= 0xFFFFFFFF  # uint32
+        elif field == 4 and wire == 2:
+            chunk(&c, &ignored)
+            e.port = 0
+        else:
+            skip(&c, wire, field)
+
+
+cdef int read_address(Span span, LogEntry* e) except -1:
+    # Address: socket_address 1, or pipe 2 / envoy_internal_address 3 (a oneof: they clear it)
+    cdef Cursor c = within(span)
+    cdef int field, wire
+    cdef Span part
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return 0
+        if 1 <= field <= 3 and wire == 2:
+            chunk(&c, &part)
+            if field == 1:
+                read_socket(part, e)
+            else:
+                e.has_host = False
+                e.port = 0
+                skip_message(part)
+        else:
+            skip(&c, wire, field)
+
+
+cdef int read_common(Span span, LogEntry* e) except -1:
+    # AccessLogCommon: upstream_remote_address 13; metadata 17 (Metadata: filter_metadata 1,
+    # a map to Struct - the picker's routed requests carry its envoy.lb key)
+    cdef Cursor c = within(span)
+    cdef Cursor inner
+    cdef int field, wire, f2, w2
+    cdef Span part, one, key, value
+    cdef bint has_value
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return 0
+        if field == 13 and wire == 2:
+            chunk(&c, &part)
+            read_address(part, e)
+        elif field == 17 and wire == 2:
+            chunk(&c, &part)
+            inner = within(part)
+            while True:
+                tag(&inner, &f2, &w2)
+                if f2 == 0:
+                    break
+                if f2 == 1 and w2 == 2:
+                    chunk(&inner, &one)
+                    entry(one, &key, &value, &has_value)
+                    if same(key, LB_KEY):
+                        e.routed = True
+                else:
+                    skip(&inner, w2, f2)
+        else:
+            skip(&c, wire, field)
+
+
+cdef int read_status(Span span, LogEntry* e) except -1:
+    # HTTPResponseProperties: response_code 1 (UInt32Value: value 1, merged)
+    cdef Cursor c = within(span)
+    cdef Cursor inner
+    cdef int field, wire, f2, w2
+    cdef Span part
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return 0
+        if field == 1 and wire == 2:
+            chunk(&c, &part)
+            inner = within(part)
+            while True:
+                tag(&inner, &f2, &w2)
+                if f2 == 0:
+                    break
+                if f2 == 1 and w2 == 0:
+                    varint(&inner, &e.status)
+                    e.status &= 0xFFFFFFFF  # uint32
+                else:
+                    skip(&inner, w2, f2)
+        else:
+            skip(&c, wire, field)
+
+
+cdef int read_request_id(Span span, LogEntry* e) except -1:
+    # HTTPRequestProperties: request_id 9
+    cdef Cursor c = within(span)
+    cdef int field, wire
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return 0
+        if field == 9 and wire == 2:
+            chunk(&c, &e.request_id)
+            e.has_request_id = True
+        else:
+            skip(&c, wire, field)
+
+
+cdef tuple read_log_entry(Span span):
+    # HTTPAccessLogEntry: common_properties 1, request 3, response 4
+    cdef Cursor c = within(span)
+    cdef int field, wire
+    cdef Span part
+    cdef LogEntry e
+    e.has_request_id = False
+    e.status = 0
+    e.has_host = False
+    e.port = 0
+    e.routed = False
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            break
+        if (field == 1 or field == 3 or field == 4) and wire == 2:
+            chunk(&c, &part)
+            if field == 1:
+                read_common(part, &e)
+            elif field == 3:
+                read_request_id(part, &e)
+            else:
+                read_status(part, &e)
+        else:
+            skip(&c, wire, field)
+    host = utf8(e.host) if e.has_host else ""
+    upstream = None
+    if host:
+        upstream = f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"
+    return (utf8(e.request_id) if e.has_request_id else "", <object>e.status, upstream, <bint>e.routed)
+
+
+def read_access_log(bytes data):
+    """``_twin/procmsg.read_access_log``: the picker's fields of the HTTP entries of
+    one serialized ``StreamAccessLogsMessage``."""
+    cdef Cursor c
+    cdef Cursor inner
+    cdef int field, wire, f2, w2
+    cdef Span part, one
+    cdef list entries = []
+    c.buf = <const unsigned char*>PyBytes_AS_STRING(data)
+    c.pos = 0
+    c.end = PyBytes_GET_SIZE(data)
+    while True:
+        tag(&c, &field, &wire)
+        if field == 0:
+            return entries
+        if field == 2 and wire == 2:  # http_logs: log_entry 1, repeated
+            chunk(&c, &part)
+            inner = within(part)
+            while True:
+                tag(&inner, &f2, &w2)
+                if f2 == 0:
+                    break
+                if f2 == 1 and w2 == 2:
+                    chunk(&inner, &one)
+                    entries.append(read_log_entry(one))
+                else:
+                    skip(&inner, w2, f2)
+        elif field == 3 and wire == 2:  # tcp_logs: the oneof's other member clears the HTTP entries
+            chunk(&c, &part)
+            skip_message(part)
+            entries = []
+        else:
+            skip(&c, wire, field)

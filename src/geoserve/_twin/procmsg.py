@@ -1,6 +1,7 @@
-"""What the Envoy endpoint picker reads from one ext_proc ``ProcessingRequest``
-(the pure-Python twin of ``_core/procmsg.pyx``; the picker uses
-``geoserve.integrations.envoy``'s ``read_message``, the compiled one where built).
+"""What the Envoy endpoint picker reads from one ext_proc ``ProcessingRequest``, and
+from one message of Envoy's gRPC access log stream (the pure-Python twin of
+``_core/procmsg.pyx``; the picker uses ``geoserve.integrations.envoy``'s
+``read_message`` and ``read_access_log``, the compiled ones where built).
 
 The picker reads a handful of fields of each message and nothing else, so it need
 not build the message: ``read(data, header_keys)`` takes the serialized bytes and
@@ -21,6 +22,13 @@ returns a :class:`Message` with
   send_body_without_waiting_for_header_response)`` of ``protocol_config``, or
   ``None`` when the message has none.
 
+``read_access_log(data)`` takes a serialized ``StreamAccessLogsMessage`` and
+returns its HTTP entries in order as ``(request_id, status, upstream, routed)``:
+``request.request_id``, ``response.response_code`` (0 when absent), the
+``upstream_remote_address`` socket address as ``host:port`` (``[host]:port`` for
+IPv6; ``None`` without a host), and whether ``metadata.filter_metadata`` has the
+picker's ``envoy.lb`` key (a request it routed).
+
 This twin parses with the protobuf library and reads the same fields, so it is
 the definition. The compiled reader walks the wire format and reads only these
 fields; on every message the protobuf library serializes (unknown fields included)
@@ -32,20 +40,23 @@ the library refuses.)
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
-__all__ = ["Message", "WireError", "read", "REQUEST_HEADERS", "RESPONSE_HEADERS", "REQUEST_BODY", "RESPONSE_BODY",
-           "REQUEST_TRAILERS", "RESPONSE_TRAILERS", "FILTER_ATTRIBUTES", "UPSTREAM_ADDRESS"]
+__all__ = ["Message", "WireError", "read", "read_access_log", "REQUEST_HEADERS", "RESPONSE_HEADERS", "REQUEST_BODY",
+           "RESPONSE_BODY", "REQUEST_TRAILERS", "RESPONSE_TRAILERS", "FILTER_ATTRIBUTES", "UPSTREAM_ADDRESS",
+           "LB_NAMESPACE"]
 
 REQUEST_HEADERS, RESPONSE_HEADERS, REQUEST_BODY, RESPONSE_BODY, REQUEST_TRAILERS, RESPONSE_TRAILERS = range(2, 8)
 _KINDS = {"request_headers": REQUEST_HEADERS, "response_headers": RESPONSE_HEADERS, "request_body": REQUEST_BODY,
           "response_body": RESPONSE_BODY, "request_trailers": REQUEST_TRAILERS, "response_trailers": RESPONSE_TRAILERS}
 FILTER_ATTRIBUTES = "envoy.filters.http.ext_proc"
 UPSTREAM_ADDRESS = "upstream.address"
+LB_NAMESPACE = "envoy.lb"  # the picker's dynamic metadata (the destination and its fallbacks)
 
 
 class WireError(ValueError):
-    """The bytes are not a ``ProcessingRequest``."""
+    """The bytes are not the message they should be."""
 
 
 class Message:
@@ -63,21 +74,19 @@ class Message:
         self.modes = modes
 
 
-_pb = None
-
-
-def read(data: bytes, header_keys: frozenset) -> Message:
-    global _pb
-    if _pb is None:
-        from envoy.service.ext_proc.v3 import external_processor_pb2
-
-        _pb = external_processor_pb2
+def _parse(data: bytes, module: str, name: str, what: str):
+    """``data`` parsed as the protobuf message ``module.name`` (imported at first use)."""
     from google.protobuf.message import DecodeError
 
     try:
-        message = _pb.ProcessingRequest.FromString(data)
+        return getattr(importlib.import_module(module), name).FromString(data)
     except DecodeError as err:
-        raise WireError(f"not an ext_proc ProcessingRequest: {err}") from None
+        raise WireError(f"not {what}: {err}") from None
+
+
+def read(data: bytes, header_keys: frozenset) -> Message:
+    message = _parse(data, "envoy.service.ext_proc.v3.external_processor_pb2", "ProcessingRequest",
+                     "an ext_proc ProcessingRequest")
     out = Message()
     name = message.WhichOneof("request")
     if name is not None:
@@ -97,3 +106,16 @@ def read(data: bytes, header_keys: frozenset) -> Message:
         out.modes = (config.request_body_mode, config.response_body_mode,
                      config.send_body_without_waiting_for_header_response)
     return out
+
+
+def read_access_log(data: bytes) -> list:
+    message = _parse(data, "envoy.service.accesslog.v3.als_pb2", "StreamAccessLogsMessage", "an access log message")
+    entries = []
+    for entry in message.http_logs.log_entry:
+        common = entry.common_properties
+        socket = common.upstream_remote_address.socket_address
+        host = socket.address
+        upstream = ((f"[{host}]" if ":" in host else host) + f":{socket.port_value}") if host else None
+        entries.append((entry.request.request_id, entry.response.response_code.value, upstream,
+                        LB_NAMESPACE in common.metadata.filter_metadata))
+    return entries
