@@ -1,7 +1,7 @@
 """What the ext_proc picker adds to Envoy, measured side by side in one run.
 
     GEOSERVE_ENVOY=/path/to/envoy python benchmarks/bench_envoy.py [--quick] [--json out.json]
-        [--transports native,aio] [--variants noresp,end,buffered,duplex]
+        [--transports native,aio] [--variants resp,noresp,batched,end,buffered,duplex]
 
 Everything on 127.0.0.1: one fake replica (``geoserve fake-replica``, paced 1000x
 faster than a 70B so the engine is not the bottleneck), one picker process per
@@ -9,10 +9,15 @@ transport (``geoserve envoy-picker --transport native|aio``), and one Envoy (one
 worker thread) with listeners in front of the same replica:
 
 * ``plain`` - Envoy's router to a static cluster: what any Envoy adds;
-* ``<transport>`` - the config of docs/integrations/envoy.md (STREAMED body,
-  response headers watched: released at the response headers) on that picker;
-* ``<transport>-noresp`` - the response not watched at all (no release, no version
-  stamp: the signal poll corrects the in-flight counts);
+* ``<transport>`` - the config of docs/integrations/envoy.md (STREAMED body, the
+  response not sent to the picker: released from Envoy's gRPC access log) on that
+  picker;
+* ``<transport>-resp`` - the response headers sent to the picker instead (released
+  there; no access log): the config before the access log;
+* ``<transport>-noresp`` - neither: nothing released (the signal poll corrects the
+  in-flight counts), the protocol's request side alone;
+* ``<transport>-batched`` - the doc's config with Envoy batching the access log
+  (flushed every 5 ms or 16 KB instead of entry by entry);
 * ``<transport>-end`` - the response body streams through the picker too
   (released at the end of the stream): what watching every SSE chunk costs;
 * ``<transport>-buffered`` / ``-duplex`` - the request body ``BUFFERED`` /
@@ -58,10 +63,20 @@ def long_body(i: int) -> bytes:
     return json.dumps({"model": "llama-70b", "prompt": prompt, "max_tokens": 8, "stream": True}).encode()
 
 
-VARIANTS = {  # listener suffix -> edits of the doc's ext_proc filter
+_DOC_TEXT = DOC.read_text()
+# the doc's access log block (the release's channel), removed where the response is watched or nothing released
+ACCESS_LOG = "          access_log:" + _DOC_TEXT.split("          access_log:", 1)[1].split("          route_config:", 1)[0]
+_SKIP = "response_header_mode: SKIP  # released from the access log instead"
+VARIANTS = {  # listener suffix -> edits of the doc's listener
     "": (),
-    "noresp": (("response_header_mode: SEND", "response_header_mode: SKIP"),),
-    "end": (("response_body_mode: NONE", "response_body_mode: STREAMED"),),
+    "resp": ((ACCESS_LOG, ""), (_SKIP, "response_header_mode: SEND"),
+             ("response_trailer_mode: SKIP\n", 'response_trailer_mode: SKIP\n'
+              '              response_attributes: ["upstream.address"]\n')),
+    "noresp": ((ACCESS_LOG, ""),),
+    "batched": (("buffer_size_bytes: 0  # each entry as its request ends: the release is not late",
+                 "buffer_flush_interval: 0.005s"),),
+    "end": ((ACCESS_LOG, ""), (_SKIP, "response_header_mode: SEND"),
+            ("response_body_mode: NONE", "response_body_mode: STREAMED")),
     "buffered": (("request_body_mode: STREAMED", "request_body_mode: BUFFERED"),),
     "duplex": (("request_body_mode: STREAMED", "request_body_mode: FULL_DUPLEX_STREAMED"),
                ("request_trailer_mode: SKIP", "request_trailer_mode: SEND")),
@@ -70,10 +85,8 @@ VARIANTS = {  # listener suffix -> edits of the doc's ext_proc filter
 # Envoy sends no body, as the native spike does): what one ext_proc exchange costs,
 # over Envoy's own gRPC client and over the Google gRPC client.
 FLOOR = {
-    "headers": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
-                     ("response_header_mode: SEND", "response_header_mode: SKIP")),
-    "headers-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"),
-                            ("response_header_mode: SEND", "response_header_mode: SKIP"),
+    "headers": (("request_body_mode: STREAMED", "request_body_mode: NONE"), (ACCESS_LOG, "")),
+    "headers-google": (("request_body_mode: STREAMED", "request_body_mode: NONE"), (ACCESS_LOG, ""),
                             ("envoy_grpc: {cluster_name: geoserve_picker}",
                              'google_grpc: {target_uri: "PICKER_ADDRESS", stat_prefix: picker_google}')),
 }
@@ -188,8 +201,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the listeners per phase")
     parser.add_argument("--transports", default="native,aio", help="geoserve pickers to run (native, aio)")
-    parser.add_argument("--variants", default="noresp", help="listeners per picker besides the doc's config: "
-                        "comma-separated of noresp, end, buffered, duplex ('' for none)")
+    parser.add_argument("--variants", default="resp,noresp", help="listeners per picker besides the doc's "
+                        "config: comma-separated of resp, noresp, batched, end, buffered, duplex ('' for none)")
     parser.add_argument("--phases", default="1,2,3,4,5", help="which phases, 1-based (1,2: latency only; "
                         "4,5: the 220 KB prompts)")
     parser.add_argument("--floor", action="store_true", help="with --picker-command: also the one-exchange "

@@ -1,4 +1,5 @@
-"""Hand-built fleets and snapshots for decision tests (pure data, no I/O)."""
+"""Hand-built fleets and snapshots for decision tests, and Envoy's access log
+messages for the picker's (pure data, no I/O)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,32 @@ def ids_in(router: g.Router, region: str, model: Optional[str] = None) -> list[s
         for i, rid in enumerate(f.replica_ids)
         if f.replica_region[i] == g_idx and (model is None or f.models[f.replica_model[i]] == model)
     ]
+
+
+def access_log(*entries) -> bytes:
+    """Envoy's StreamAccessLogsMessage: entries of (request id, status, upstream
+    address or None, routed by the picker)."""
+    from envoy.config.core.v3 import address_pb2
+    from envoy.data.accesslog.v3 import accesslog_pb2 as al
+    from envoy.service.accesslog.v3 import als_pb2
+    from google.protobuf import struct_pb2
+
+    from geoserve.integrations.envoy import DESTINATION_HEADER
+
+    logs = []
+    for request_id, status, upstream, routed in entries:
+        common = al.AccessLogCommon()
+        if upstream is not None:
+            host, port = upstream.rsplit(":", 1)
+            common.upstream_remote_address.CopyFrom(address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(address=host, port_value=int(port))))
+        if routed:
+            lb = struct_pb2.Struct()
+            lb.update({DESTINATION_HEADER: upstream or "10.0.0.1:8000"})
+            common.metadata.filter_metadata["envoy.lb"].CopyFrom(lb)
+        logs.append(al.HTTPAccessLogEntry(common_properties=common,
+                                          request=al.HTTPRequestProperties(request_id=request_id),
+                                          response=al.HTTPResponseProperties(
+                                              response_code={"value": status} if status else None)))
+    return als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+        log_entry=logs)).SerializeToString()

@@ -145,9 +145,12 @@ def test_sse_arrives_token_by_token_in_order(stack):
         chunk = response.read1(65536)
         if not chunk:
             break
+        if not arrivals:
+            assert not settled(stack)  # streaming: not released before the response has ended
         arrivals.append(time.monotonic())
         buffer += chunk
     conn.close()
+    assert wait_for(lambda: settled(stack), timeout=5)  # released once it has (its access log entry)
     for block in buffer.split(b"\n\n"):
         if block.startswith(b"data: "):
             events.append(block[6:])
@@ -157,17 +160,35 @@ def test_sse_arrives_token_by_token_in_order(stack):
     assert len(arrivals) >= 6  # streamed through Envoy in pieces, not buffered into one
 
 
+def settled(stack) -> bool:
+    """Every request the picker routed is released: no stream open, none waiting
+    for its access log entry."""
+    picker = stack["picker"]
+    return picker.metrics.active._value.get() == 0 and picker.picker.waiting() == 0
+
+
+def post_released(stack, body, headers=None):
+    """``post``, then wait for the picker to release the request: the release comes
+    with its access log entry, just after the response, so a client that asks
+    again at once may find the replica still counted busy with its last request
+    (and be sent to another by load, not by its prefix or session)."""
+    answer = post(stack, body, headers)
+    assert wait_for(lambda: settled(stack), timeout=5)
+    return answer
+
+
 def test_shared_prefix_lands_on_one_replica(stack):
     served = set()
     for i in range(6):
-        status, headers, text = post(stack, completion(SHARED + f" question {i}"))
+        status, headers, text = post_released(stack, completion(SHARED + f" question {i}"))
         assert status == 200, text
         served.add(headers["x-geoserve-replica"])
     assert len(served) == 1
 
 
 def test_sessions_stick(stack):
-    served = {post(stack, completion(f"turn {i}"), {"x-session-id": "s-42"})[1]["x-geoserve-replica"] for i in range(5)}
+    served = {post_released(stack, completion(f"turn {i}"), {"x-session-id": "s-42"})[1]["x-geoserve-replica"]
+              for i in range(5)}
     assert len(served) == 1
 
 
@@ -280,6 +301,8 @@ def test_envoy_saw_no_ext_proc_errors_and_metrics_count_decisions(stack):
     assert 'geoserve_picker_decisions_total{action="serve",reason=' in text
     assert 'geoserve_picker_immediate_responses_total{code="429"}' in text
     assert "geoserve_picker_stream_errors_total 0.0" in text
+    assert 'geoserve_picker_access_log_entries_total{outcome="released"}' in text  # released from Envoy's log
+    assert stack["envoy"].stats("access_logs.grpc_access_log").get("access_logs.grpc_access_log.logs_written", 0) > 20
 
 
 def test_the_grpc_health_service_answers(stack):

@@ -14,12 +14,13 @@ import geoserve as g  # noqa: E402
 from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
+from builders import access_log  # noqa: E402
 from geoserve.integrations.envoy import DESTINATION_HEADER, EndpointPicker  # noqa: E402
 
 MODES = pm.ProcessingMode
 
 
-def picker(fallback: bool = False, degrade_max_tokens=None) -> EndpointPicker:
+def picker(fallback: bool = False, degrade_max_tokens=None, **options) -> EndpointPicker:
     def dep(model, region, ids, slots=8):
         return g.Deployment(model=model, version="v1", region=region, decode_slots=slots,
                             replicas=tuple(g.ReplicaSpec(id=i, endpoint=f"10.0.{int(model == 'small')}.{k + 1}:8000")
@@ -29,7 +30,7 @@ def picker(fallback: bool = False, degrade_max_tokens=None) -> EndpointPicker:
     classes = {"interactive": g.PriorityClass(800.0, 1200.0, 1.0, degrade_max_tokens=degrade_max_tokens)}
     router = g.Router(g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=tuple(deployments),
                                  fallbacks={"big": "small"} if fallback else {}, priorities=classes))
-    p = EndpointPicker(router, region="us")
+    p = EndpointPicker(router, region="us", **options)
     n = router.fleet.n_replicas
     busy = np.array([8 if rid.startswith("b") and fallback else 0 for rid in router.fleet.replica_ids], np.int32)
     p.update(g.SignalColumns(now_ms=0.0, observed_ms=np.zeros(n), in_flight=busy, queue_depth=busy))
@@ -230,29 +231,172 @@ def test_a_streamed_config_without_early_body_is_refused_clearly(Stream):
     asyncio.run(run())
 
 
-def test_the_response_headers_release_the_router_state_and_stamp_the_version(Stream):
+def routed_headers(answer) -> dict:
+    response = answer.request_headers.response if answer.HasField("request_headers") else answer.request_body.response
+    return {h.header.key: h.header.raw_value.decode() for h in response.header_mutation.set_headers}
+
+
+def upstream_attributes(address: str) -> dict:
     from google.protobuf import struct_pb2
 
+    attributes = struct_pb2.Struct()
+    attributes.update({"upstream.address": address})
+    return {"envoy.filters.http.ext_proc": attributes}
+
+
+def test_the_routed_request_carries_the_serving_version_and_the_response_headers_release(Stream):
+    """The version that serves rides on the routed request (Envoy's route copies it
+    onto the response, for the client to pin its session with); the response headers,
+    where Envoy sends them, release the router's state and are answered plainly."""
     async def run():
         p = picker()
         s = Stream(p)
         await s.send(headers([]))
         await s.send(chunk(b'{"model": "big", "prompt": "hi"}', True))
         assert int(p.router.state.pending.sum()) == 1  # routed: one in flight on the chosen replica
-        served = destination(s.answers[0])
-        attributes = struct_pb2.Struct()
-        attributes.update({"upstream.address": served})
+        assert routed_headers(s.answers[0])["x-geoserve-version"] == "v1"
         response = pb.ProcessingRequest(
             response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
                 base_pb2.HeaderValue(key=":status", raw_value=b"200")])),
-            attributes={"envoy.filters.http.ext_proc": attributes})
+            attributes=upstream_attributes(destination(s.answers[0])))
         assert await s.send(response) == ["response_headers"]
-        stamped = s.answers[-1].response_headers.response.header_mutation.set_headers
-        assert [(h.header.key, h.header.raw_value) for h in stamped] == [("x-geoserve-version", b"v1")]
+        assert s.answers[-1] == pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         assert int(p.router.state.pending.sum()) == 0  # released
         await s.close()
+        assert p.waiting() == 0
 
     asyncio.run(run())
+
+
+async def routed_stream(p, Stream, request_id: str, prompt: str = "hi"):
+    """A request routed and its stream ended by Envoy (the response not sent to the picker)."""
+    s = Stream(p)
+    await s.send(headers([("x-request-id", request_id)]))
+    await s.send(chunk(json.dumps({"model": "big", "prompt": prompt}).encode(), True))
+    await s.close()
+    return destination(s.answers[0])
+
+
+def test_the_access_log_entry_releases_a_request_whose_stream_ended_first(Stream):
+    """Envoy's config does not send the response: the stream ends once the request
+    is through, and the request's access log entry (its x-request-id) releases it
+    when the response has ended - not the stream's end, not an entry of a request
+    the picker did not route, not the same entry twice."""
+    async def run():
+        from geoserve.integrations.envoy import PickerMetrics
+
+        p = picker(metrics=PickerMetrics())
+        served = await routed_stream(p, Stream, "rid-1")
+        assert int(p.router.state.pending.sum()) == 1 and p.waiting() == 1  # the stream is gone, the request not
+        p.access_log(access_log(("rid-1", 200, served, False)))  # an entry the picker did not route: ignored
+        assert int(p.router.state.pending.sum()) == 1
+        p.access_log(access_log(("rid-2", 200, served, True), ("rid-1", 200, served, True)))
+        assert int(p.router.state.pending.sum()) == 0 and p.waiting() == 0
+        p.access_log(access_log(("rid-1", 200, served, True)))  # again: nothing left to release
+        assert int(p.router.state.pending.sum()) == 0
+        counted = {s.labels["outcome"]: s.value for m in p.metrics.registry.collect()
+                   if m.name.endswith("access_log_entries") for s in m.samples if s.name.endswith("_total")}
+        assert counted == {"not_routed": 1.0, "early": 2.0, "released": 1.0}
+
+    asyncio.run(run())
+
+
+def test_the_access_log_says_who_served_and_how_it_went():
+    """The entry's upstream and status go to Router.complete, as the response
+    headers' do: a 5xx is not ok, a request served by another replica (Envoy's
+    retry to a fallback) records its prefix there."""
+    async def run():
+        p = picker()
+        calls = []
+        complete = p.router.complete
+        p.router.complete = lambda decision, replica=None, ok=True: (calls.append((replica, ok)),
+                                                                     complete(decision, replica=replica, ok=ok))
+        first = await routed_stream(p, PythonBytesStream, "a")
+        other = next(e for e in ("10.0.0.1:8000", "10.0.0.2:8000") if e != first)
+        await routed_stream(p, PythonBytesStream, "b")
+        await routed_stream(p, PythonBytesStream, "c")
+        p.access_log(access_log(("a", 503, first, True), ("b", 200, other, True), ("c", 0, None, True)))
+        by_endpoint = {e: rid for rid, e in zip(p.router.fleet.replica_ids, p.router.fleet.endpoints)}
+        assert calls == [(by_endpoint[first], False), (by_endpoint[other], True), (None, True)]
+
+    asyncio.run(run())
+
+
+def test_an_entry_that_comes_before_its_stream_ends_releases_it_at_the_end(Stream):
+    """Where the stream outlives the response (Envoy keeps a BUFFERED body's stream
+    open to the HTTP stream's end), the entry is kept for the stream's end."""
+    async def run():
+        from geoserve.integrations.envoy import PickerMetrics
+
+        p = picker(metrics=PickerMetrics())
+        s = Stream(p)
+        await s.send(headers([("x-request-id", "rid")]))
+        await s.send(chunk(b'{"model": "big", "prompt": "hi"}', True))
+        served = destination(s.answers[0])
+        p.access_log(access_log(("rid", 503, served, True)))
+        assert int(p.router.state.pending.sum()) == 1 and p.waiting() == 0  # not released before its stream ends
+        await s.close()
+        assert int(p.router.state.pending.sum()) == 0 and p.waiting() == 0
+        released = {s.labels["ok"]: s.value for m in p.metrics.registry.collect() if m.name.endswith("released")
+                    for s in m.samples if s.name.endswith("_total")}
+        assert released == {"false": 1.0}  # as the entry said: a 503
+
+    asyncio.run(run())
+
+
+def test_requests_that_share_an_id_are_released_one_entry_each(Stream):
+    async def run():
+        p = picker()
+        served = [await routed_stream(p, Stream, "same", prompt) for prompt in ("one", "two")]
+        assert p.waiting() == 2
+        p.access_log(access_log(("same", 200, served[0], True)))
+        assert p.waiting() == 1 and int(p.router.state.pending.sum()) == 1
+        p.access_log(access_log(("same", 200, served[1], True)))
+        assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+
+    asyncio.run(run())
+
+
+def test_a_request_whose_entry_never_comes_is_released_after_a_while_or_when_too_many_wait(Stream):
+    async def run():
+        p = picker(max_waiting=2)
+        for k in range(3):
+            await routed_stream(p, Stream, f"r{k}")
+        assert p.waiting() == 2 and int(p.router.state.pending.sum()) == 2  # the oldest made room
+        p = picker(release_after_s=0.01)
+        for k in range(2):
+            await routed_stream(p, Stream, f"r{k}")
+        await asyncio.sleep(0.05)
+        p.access_log(access_log())  # any message looks at the deadlines
+        assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+
+    asyncio.run(run())
+
+
+def test_without_a_request_id_or_when_releasing_on_the_response_the_stream_end_releases(Stream):
+    async def run():
+        p = picker()
+        await routed_stream(p, Stream, "")  # no x-request-id: nothing could match an entry
+        assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+        p = picker(release_on="response")
+        await routed_stream(p, Stream, "rid")
+        assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+        p.access_log(access_log(("rid", 200, None, True)))  # not used for releases
+        assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+
+    asyncio.run(run())
+
+
+def test_a_bad_access_log_message_is_refused_and_loses_only_itself():
+    p = picker()
+    with pytest.raises(ValueError, match="not an access log message"):
+        p.access_log(b"\xff\xff\xff")
+    handle = p.access_log_stream()
+    assert handle(b"\xff\xff\xff") == ([], False)  # counted and logged; the stream goes on
+    assert handle(access_log(("x", 200, None, True))) == ([], False)
+    assert handle(None) is None
+    with pytest.raises(ValueError, match="release_on"):
+        EndpointPicker(p.router, region="us", release_on="never")
 
 
 def test_a_queue_decision_is_held_on_either_transport_then_routed_or_refused(Stream):

@@ -11,7 +11,8 @@ content-length, bodies without a model, with an unknown model, an alias, a bad
 limit, invalid JSON or over the size limit, priorities and origins unknown, a
 version pin, a fleet that degrades (to another model, or with a shorter answer),
 queues and sheds, and responses served by another replica, failed, or never
-reaching the picker."""
+reaching the picker - released then by the request's access log entry (served by
+either, by neither, failed), by none (left waiting), or at the stream's end."""
 
 import json
 
@@ -28,6 +29,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
+from builders import access_log  # noqa: E402
 from geoserve import _compat  # noqa: E402
 from geoserve.integrations.envoy import EndpointPicker, PickerMetrics  # noqa: E402
 
@@ -106,7 +108,8 @@ def streams(draw):
     if length is not None:
         pairs.append(("content-length", str(len(body)) if length == "exact" else length))
     for key, values in (("x-session-id", ["s1", "s2"]), ("x-geoserve-priority", ["interactive", "batch", "vip"]),
-                        ("x-geoserve-origin", ["us", "eu", "mars"]), ("x-geoserve-version", ["v1", "v9"])):
+                        ("x-geoserve-origin", ["us", "eu", "mars"]), ("x-geoserve-version", ["v1", "v9"]),
+                        ("x-request-id", ["r1", "r2", "r3"]), ("x-request-id", ["r1", "r2", "r3"])):
         if draw(st.integers(0, 3)) == 0:
             pairs.append((key, draw(st.sampled_from(values))))
     messages = [headers_message(pairs, mode, early, draw(st.integers(0, 24)) == 0)]
@@ -117,7 +120,10 @@ def streams(draw):
         messages.append(("response", draw(st.sampled_from(["200", "200", "503", "x"])), upstream,
                          draw(st.booleans())))
     stop = draw(st.integers(1, len(messages)))  # the stream may end early (the client gone)
-    return messages[:stop]
+    logged = draw(st.lists(st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.sampled_from([200, 200, 503, 0]),
+                                     st.sampled_from([None, "routed", "10.0.0.1:8000", "10.0.9.1:8000", "10.9.9.9:1"]),
+                                     st.booleans()), max_size=2))  # access log entries after the stream
+    return messages[:stop], logged
 
 
 class Transport:
@@ -156,7 +162,7 @@ def metrics_of(p):
 def test_the_kernel_answers_as_the_python_handler(runs, busy, degrade_max_tokens, prefix_blocks):
     topo = topology(degrade_max_tokens)
     kernel_picker, python_picker = picker(topo, busy, prefix_blocks), picker(topo, busy, prefix_blocks)
-    for messages in runs:
+    for messages, logged in runs:
         kernel = Transport(kernel_picker.native_stream(compiled=True))
         python = Transport(python_picker.native_stream(compiled=False))
         assert type(kernel.handle).__name__ == "Stream"
@@ -179,6 +185,13 @@ def test_the_kernel_answers_as_the_python_handler(runs, busy, degrade_max_tokens
             if kernel.done:
                 break
         assert kernel.handle(None) is None and python.handle(None) is None
+        assert kernel_picker.waiting() == python_picker.waiting()
+        assert state_of(kernel_picker) == state_of(python_picker)
+        entries = [(rid, status, routed.get("endpoint") if upstream == "routed" else upstream, by_picker)
+                   for rid, status, upstream, by_picker in logged]
+        for p in (kernel_picker, python_picker):
+            p.access_log(access_log(*entries))
+        assert kernel_picker.waiting() == python_picker.waiting()
         assert state_of(kernel_picker) == state_of(python_picker)
         assert metrics_of(kernel_picker) == metrics_of(python_picker)
     assert kernel_picker.metrics.active._value.get() == 0

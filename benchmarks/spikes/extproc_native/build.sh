@@ -11,8 +11,8 @@ out="${1:-$here/picker_native}"
 source="${2:-picker_native}"  # picker_callback: the same answers on gRPC's callback API
 work="$(mktemp -d)"
 protoc -I"$here" -I/usr/include --cpp_out="$work" --grpc_out="$work" \
-    --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" "$here/ext_proc_min.proto"
-g++ -O2 -std=c++17 -I"$work" -o "$out" "$here/$source.cc" "$work/ext_proc_min.pb.cc" \
-    "$work/ext_proc_min.grpc.pb.cc" $(pkg-config --cflags --libs grpc++ protobuf)
+    --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" "$here/ext_proc_min.proto" "$here/als_min.proto"
+g++ -O2 -std=c++17 -I"$work" -I"$here" -o "$out" "$here/$source.cc" "$work/ext_proc_min.pb.cc" \
+    "$work/ext_proc_min.grpc.pb.cc" "$work/als_min.pb.cc" "$work/als_min.grpc.pb.cc" $(pkg-config --cflags --libs grpc++ protobuf)
 rm -rf "$work"
 echo "built $out"

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <grpcpp/grpcpp.h>
+#include "access_log_sink.h"
 #include "ext_proc_min.grpc.pb.h"
 
 using namespace envoy::service::ext_proc::v3;
@@ -91,6 +92,8 @@ int main(int argc, char** argv) {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(std::string("127.0.0.1:") + argv[1], grpc::InsecureServerCredentials());
   builder.RegisterService(&service);
+  AccessLogSink sink;  // a sync service beside the callback one
+  builder.RegisterService(&sink);
   auto server = builder.BuildAndStart();
   std::cout << "listening " << argv[1] << std::endl;
   server->Wait();

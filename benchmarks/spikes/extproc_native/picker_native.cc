@@ -10,6 +10,7 @@
 #include <iostream>
 #include <string>
 #include <grpcpp/grpcpp.h>
+#include "access_log_sink.h"
 #include "ext_proc_min.grpc.pb.h"
 
 using namespace envoy::service::ext_proc::v3;
@@ -75,6 +76,8 @@ int main(int argc, char** argv) {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(std::string("127.0.0.1:") + argv[1], grpc::InsecureServerCredentials());
   builder.RegisterService(&service);
+  AccessLogSink sink;
+  builder.RegisterService(&sink);
   auto server = builder.BuildAndStart();
   std::cout << "listening " << argv[1] << std::endl;
   server->Wait();

@@ -4,7 +4,9 @@
 # shortened) - handled without the interpreter: the message read from its bytes
 # (procmsg), the body scanned, the prompt's block hashes into a buffer of the
 # stream's, the router's C entry point (Boundary.route_plain_c), the answers the
-# picker built once, and the release through Boundary.release_c.
+# picker built once, and the release through Boundary.release_c - at the response
+# headers, or from the request's access log entry (EndpointPicker.wait_for_log
+# keeps the stream's finish for it).
 #
 # Its twin is the picker's Python handler (EndpointPicker._handler), and the two
 # share the stream's state (the picker's _Exchange): anything else - another body
@@ -29,12 +31,12 @@ from geoserve._twin.bodyscan import BodyError
 from geoserve._twin.procmsg import REQUEST_BODY, REQUEST_HEADERS, RESPONSE_HEADERS
 
 cdef object E = None  # geoserve.integrations.envoy, imported at the first stream (it imports this module)
-cdef object Reject, ORIGIN, PRIORITY, SESSION, VERSION, KEYS, CONTINUE_BODY
+cdef object Reject, ORIGIN, PRIORITY, SESSION, VERSION, KEYS, CONTINUE_BODY, CONTINUE_RESPONSE_HEADERS
 cdef int64_t BLOCK_BYTES, BLOCK_TOKENS, PER_TOKEN, STREAMED, NONE_MODE
 
 
 cdef int _bind() except -1:
-    global E, Reject, ORIGIN, PRIORITY, SESSION, VERSION, KEYS, CONTINUE_BODY
+    global E, Reject, ORIGIN, PRIORITY, SESSION, VERSION, KEYS, CONTINUE_BODY, CONTINUE_RESPONSE_HEADERS
     global BLOCK_BYTES, BLOCK_TOKENS, PER_TOKEN, STREAMED, NONE_MODE
     from geoserve.integrations import envoy
     from geoserve.integrations import common
@@ -45,6 +47,7 @@ cdef int _bind() except -1:
     PER_TOKEN = common.CHARS_PER_TOKEN
     KEYS = envoy._READ_HEADERS
     CONTINUE_BODY = envoy._CONTINUE_BODY
+    CONTINUE_RESPONSE_HEADERS = envoy._CONTINUE_RESPONSE_HEADERS
     STREAMED = envoy.STREAMED
     NONE_MODE = envoy._MODES.NONE
     BLOCK_BYTES = prefix.TEXT_BLOCK_BYTES
@@ -103,11 +106,15 @@ cdef class Stream:
         """The Python handler takes the stream from here, with ``data`` (the
         message the kernel does not answer) if any."""
         cdef object handler
-        if self.routed:  # the exchange gets the decision the Python handler would have made
-            self.ex.decision = self.boundary._decision(self.picker._request(self.ex, 0.0), &self.out, self.out_model,
-                                                       self.retry, self.epoch, &self.req)
+        if self.routed:
+            self._python_decision()
         handler = self.python = self.picker._handler(self.ex)
         return handler(data)
+
+    cdef _python_decision(self):
+        """The exchange gets the Decision the Python handler would have made."""
+        self.ex.decision = self.boundary._decision(self.picker._request(self.ex, 0.0), &self.out, self.out_model,
+                                                   self.retry, self.epoch, &self.req)
 
     # ------------------------------------------------------------ a message
     cdef object _message(self, bytes data):
@@ -268,10 +275,12 @@ cdef class Stream:
                           boundary.reason_names[self.out.reason])
             metrics.decide_seconds.observe(time.perf_counter() - ex.started)
         fallbacks = tuple([endpoints[self.out.fallbacks[i]] for i in range(self.out.n_fallbacks)])
-        answers = [picker._routed_answer(endpoints[self.out.replica], fallbacks)] + [CONTINUE_BODY] * len(ex.owed)
+        answers = ([picker._routed_answer(endpoints[self.out.replica], fallbacks,
+                                          boundary.replica_version_names[self.out.replica])]
+                   + [CONTINUE_BODY] * len(ex.owed))
         ex.owed = []
         ex.standing = True
-        return answers, False, picker._standing_for(boundary.replica_version_names[self.out.replica], False)
+        return answers, False, picker._standing_for(False)
 
     # ------------------------------------------------------------ the response
     cdef object _response_headers(self, bytes data, message):
@@ -288,7 +297,7 @@ cdef class Stream:
                 return self._hand_over(data)  # served by a fallback: the router records its prefix there
             if not self._release(status < 500):
                 return self._hand_over(data)
-        return [picker._stamp(self.boundary.replica_version_names[self.out.replica])], False
+        return [CONTINUE_RESPONSE_HEADERS], False
 
     cdef bint _release(self, bint ok) except -1:
         # EndpointPicker._release -> Router.complete -> Boundary.fast_complete (served
@@ -312,9 +321,19 @@ cdef class Stream:
 
     cdef object _close(self):
         # EndpointPicker._close
-        if self.routed and not self._release(True):
+        if self.routed and not self.ex.released and self.picker.wait_for_log(self.ex, self.finish):
+            pass  # released when the response has ended (its access log entry), by finish()
+        elif self.routed and not self._release(True):
             return self._hand_over(None)
         metrics = self.picker.metrics
         if metrics is not None:
             metrics.active.dec()
         return None
+
+    def finish(self, bint ok, served):
+        """The release of a routed request from its access log entry, after the
+        stream has ended (EndpointPicker._release with the served replica)."""
+        if (served is None or served == self.replica_id or not ok) and self._release(ok):
+            return
+        self._python_decision()  # served by a fallback (its prefix recorded there), or declined: as in Python
+        self.picker._release(self.ex, ok, served)

@@ -21,9 +21,14 @@ Per request, on one ``Process`` stream:
    degrade that shortens the answer (``Decision.max_tokens``) sets the body's
    limit too - for that one the picker holds the chunks to the body's end, since a
    limit may follow the prompt (the only case it waits for a whole body).
-3. response headers - the version is stamped (``x-geoserve-version``) and the
-   router's state is released (served replica from the ``upstream.address``
-   attribute when Envoy sends it; ``ok`` unless 5xx).
+   The routed request also carries the serving version as ``x-geoserve-version``
+   (Envoy's route copies it onto the response: ``%REQ(x-geoserve-version)%``);
+3. the release of the router's state when the response has ended, from Envoy's
+   gRPC access log (``release_on="access_log"``, the doc's config: the entry says
+   who served and the status; the stream's ``x-request-id`` matches it to the
+   request), so that the response is not on the ext_proc stream at all - or at the
+   response headers where Envoy sends them (served replica from the
+   ``upstream.address`` attribute; ``ok`` unless 5xx), whichever comes first.
 
 Body modes: ``STREAMED`` with ``send_body_without_waiting_for_header_response``
 (the default config: the headers answer waits for the first chunks, each chunk is
@@ -40,14 +45,18 @@ to the picker as bytes). Both move bytes: each message is read by
 ``read_message`` (only the fields the picker uses, straight from the wire format:
 ``_core/procmsg.pyx``, its twin ``_twin/procmsg.py``) and drives the same
 per-message generator, ``_steps``, which answers with serialized responses (the
-common ones built once).
+common ones built once). The access log service (``access_log``) is served beside
+``Process`` on the same port, by either transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import json
 import logging
+import threading
 import time
 from typing import Any, Callable, Generator, Iterator, Optional
 
@@ -61,8 +70,8 @@ from google.protobuf import struct_pb2
 
 from .. import _compat
 from .._compat import kernels
-from .._twin.procmsg import (REQUEST_BODY, REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_BODY, RESPONSE_HEADERS,
-                             RESPONSE_TRAILERS, Message)
+from .._twin.procmsg import (LB_NAMESPACE, REQUEST_BODY, REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_BODY,
+                             RESPONSE_HEADERS, RESPONSE_TRAILERS, Message, WireError)
 from ..prefix import TEXT_BLOCK_BYTES, TEXT_BLOCK_TOKENS, block_hashes_from_bytes
 from ..router import Router
 from ..snapshot import Snapshot
@@ -77,11 +86,14 @@ __all__ = ["EndpointPicker", "PickerMetrics", "PickerServer", "DESTINATION_HEADE
 log = logging.getLogger("geoserve.envoy")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
-LB_NAMESPACE = "envoy.lb"
+REQUEST_ID_HEADER = "x-request-id"  # Envoy's: how an access log entry finds its request
+RELEASE_ON = ("access_log", "response")
 
 # the headers the picker reads (the others are not decoded): the request's, and the response's status
-_READ_HEADERS = frozenset(("content-length", SESSION_HEADER, PRIORITY_HEADER, ORIGIN_HEADER, VERSION_HEADER, ":status"))
+_READ_HEADERS = frozenset(("content-length", SESSION_HEADER, PRIORITY_HEADER, ORIGIN_HEADER, VERSION_HEADER,
+                           REQUEST_ID_HEADER, ":status"))
 read_message: Callable[[bytes, frozenset], Message] = kernels(which="procmsg").read
+read_access_log: Callable[[bytes], list] = kernels(which="procmsg").read_access_log
 
 _MODES = processing_mode_pb2.ProcessingMode
 STREAMED, BUFFERED, FULL_DUPLEX = _MODES.STREAMED, _MODES.BUFFERED, _MODES.FULL_DUPLEX_STREAMED
@@ -117,6 +129,13 @@ class PickerMetrics:
         self.stream_errors = Counter("geoserve_picker_stream_errors", "ext_proc streams that ended in an error",
                                      registry=self.registry)
         self.active = Gauge("geoserve_picker_active_streams", "ext_proc streams open", registry=self.registry)
+        self.access_log = Counter("geoserve_picker_access_log_entries", "Envoy's access log entries, by what they "
+                                  "did: released a request, came before its stream ended (kept for it), were not "
+                                  "routed by the picker, or were ignored (release_on=response)", ["outcome"],
+                                  registry=self.registry)
+        self.expired = Counter("geoserve_picker_releases_expired", "Routed requests released because no access log "
+                               "entry came for them within release_after_s (or too many waited)",
+                               registry=self.registry)
         self.decide_seconds = Histogram("geoserve_picker_decision_seconds", "Time from request headers to decision",
                                         buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5),
                                         registry=self.registry)
@@ -157,9 +176,14 @@ class EndpointPicker:
     picker's poller calls it); decisions read the latest."""
 
     def __init__(self, router: Router, *, region: str, max_body_bytes: int = 4 << 20, prefix_blocks: int = 16,
-                 max_hold_ms: float = 250.0, metrics: Optional[PickerMetrics] = None) -> None:
+                 max_hold_ms: float = 250.0, metrics: Optional[PickerMetrics] = None, release_on: str = "access_log",
+                 release_after_s: float = 900.0, max_waiting: int = 1 << 14) -> None:
         if region not in router.fleet.region_index:
             raise ValueError(f"region {region!r} is not in the topology")
+        if release_on not in RELEASE_ON:
+            raise ValueError(f"release_on must be one of {RELEASE_ON}, not {release_on!r}")
+        if not release_after_s > 0 or max_waiting < 1:
+            raise ValueError("release_after_s must be > 0 and max_waiting >= 1")
         self.router = router
         self.region = region
         self.max_body_bytes = max_body_bytes
@@ -169,9 +193,12 @@ class EndpointPicker:
         self.snapshot: Optional[Snapshot] = None
         self._indexed = None
         self._replica_at: dict[str, str] = {}
-        self._routed: dict[tuple, Any] = {}  # (endpoint, fallbacks) -> the headers answer that routes there
-        self._stamps: dict[str, Any] = {}  # version -> the response headers answer that stamps it
-        self._standing_answers: dict[tuple, tuple] = {}  # (version, full duplex) -> the native standing answers
+        self._routed: dict[tuple, Any] = {}  # (endpoint, fallbacks, version) -> the headers answer that routes there
+        self._standing_answers: dict[bool, tuple] = {}  # full duplex -> the native standing answers
+        self.release_on = release_on
+        self._waiting = _ById(release_after_s, max_waiting)  # releases of ended streams, for their entries
+        self._logged_early = _ById(release_after_s, max_waiting)  # (ok, served) of entries, for their streams' end
+        self._log_lock = threading.Lock()
 
     def replica_at(self, address: str) -> Optional[str]:
         """The replica id behind an upstream address (for the served replica)."""
@@ -199,7 +226,10 @@ class EndpointPicker:
         return _Exchange()
 
     def _close(self, ex: _Exchange) -> None:
-        self._release(ex, ok=True)  # a stream that ends early (client gone) gives its slot back
+        decision = ex.decision
+        if not (decision is not None and decision.endpoint is not None and not ex.released
+                and self.wait_for_log(ex, functools.partial(self._release, ex))):
+            self._release(ex, ok=True)  # a stream that ends early (client gone) gives its slot back
         if self.metrics is not None:
             self.metrics.active.dec()
 
@@ -305,26 +335,24 @@ class EndpointPicker:
         if ex.standing or ex.decision is None or ex.holding:
             return answers, False
         ex.standing = True
-        return answers, False, self._standing_for(ex.decision.version, ex.mode == FULL_DUPLEX)
+        return answers, False, self._standing_for(ex.mode == FULL_DUPLEX)
 
-    def _standing_for(self, version: Optional[str], duplex: bool) -> tuple:
+    def _standing_for(self, duplex: bool) -> tuple:
         """The native transport's standing answers once a request is decided (and
         not holding its body): exactly what ``_steps`` would answer, given at once -
         the rest of the body chunks are acknowledged (echoed in full duplex: not
-        standing), the response headers get their answer (the version stamp) and
-        the response body and trailers theirs; the response headers and body are
-        still handed to the picker after the answer has gone (notify), for the
-        release."""
-        key = (version, duplex)
-        standing = self._standing_answers.get(key)
+        standing), the response headers, body and trailers get theirs; the
+        response headers and body are still handed to the picker after the answer
+        has gone (notify), for the release."""
+        standing = self._standing_answers.get(duplex)
         if standing is None:
-            standing = ((_first_byte(RESPONSE_HEADERS), self._stamp(version), True),
+            standing = ((_first_byte(RESPONSE_HEADERS), _CONTINUE_RESPONSE_HEADERS, True),
                         (_first_byte(RESPONSE_BODY), _CONTINUE_RESPONSE_BODY, True),
                         (_first_byte(REQUEST_TRAILERS), _CONTINUE_TRAILERS, False),
                         (_first_byte(RESPONSE_TRAILERS), _CONTINUE_RESPONSE_TRAILERS, False))
             if not duplex:
                 standing += ((_first_byte(REQUEST_BODY), _CONTINUE_BODY, False),)
-            self._standing_answers[key] = standing
+            self._standing_answers[duplex] = standing
         return standing
 
     def _on_headers(self, ex: _Exchange, headers: Message) -> list:
@@ -451,11 +479,13 @@ class EndpointPicker:
         edits = self._edits(ex, decision)
         if not edits and ex.mode == STREAMED:  # the common answer: the same for every request to these hosts
             owed, ex.owed = ex.owed, []
-            return [self._routed_answer(decision.endpoint, decision.fallback_endpoints)] + [_CONTINUE_BODY] * len(owed)
+            return ([self._routed_answer(decision.endpoint, decision.fallback_endpoints, decision.version)]
+                    + [_CONTINUE_BODY] * len(owed))
         content_length = None
         if edits and ex.content_length is not None:
             content_length = ex.content_length + sum(len(new) - (end - start) for start, end, new in edits)
-        mutation, metadata = self._destination(decision.endpoint, decision.fallback_endpoints, content_length)
+        mutation, metadata = self._destination(decision.endpoint, decision.fallback_endpoints, decision.version,
+                                               content_length)
         owed, ex.owed = ex.owed, []
         body = b"".join(c for c, _ in owed)
         for start, stop, new in edits:  # last first: earlier offsets stay valid
@@ -476,30 +506,36 @@ class EndpointPicker:
             answers.extend([_CLEAR_BODY] * len(owed[1:]))
         return answers
 
-    def _routed_answer(self, endpoint: str, fallbacks: tuple) -> bytes:
+    def _routed_answer(self, endpoint: str, fallbacks: tuple, version: Optional[str]) -> bytes:
         """The headers answer that routes to ``endpoint`` (``fallbacks`` in the
-        metadata), built once per destination."""
-        routed = (endpoint, fallbacks)
+        metadata) served by ``version``, built once per destination."""
+        routed = (endpoint, fallbacks, version)
         answer = self._routed.get(routed)
         if answer is None:
             if len(self._routed) >= 4096:  # bounded: fallback orders vary
                 self._routed.clear()
-            mutation, metadata = self._destination(endpoint, fallbacks)
+            mutation, metadata = self._destination(endpoint, fallbacks, version)
             answer = self._routed[routed] = pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=mutation), dynamic_metadata=metadata).SerializeToString()
         return answer
 
     @staticmethod
-    def _destination(endpoint: str, fallbacks: tuple, content_length: Optional[int] = None) -> tuple:
+    def _destination(endpoint: str, fallbacks: tuple, version: Optional[str],
+                     content_length: Optional[int] = None) -> tuple:
         """The header mutation and ``envoy.lb`` metadata that send a request to
-        ``endpoint`` (``fallbacks`` in the metadata), with a new content-length
-        when the body was edited."""
+        ``endpoint`` (``fallbacks`` in the metadata), tagged with the ``version``
+        that serves it (Envoy's route copies it onto the response; a client's own
+        value is replaced or removed), with a new content-length when the body
+        was edited."""
         primary = host_port(endpoint)
         hosts = [primary] + [host_port(e) for e in fallbacks]
         set_headers = [_header(DESTINATION_HEADER, primary)]
+        if version:
+            set_headers.append(_header(VERSION_HEADER, version))
         if content_length is not None:
             set_headers.append(_header("content-length", str(content_length)))
-        mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=set_headers))
+        mutation = pb.CommonResponse(header_mutation=pb.HeaderMutation(
+            set_headers=set_headers, remove_headers=[] if version else [VERSION_HEADER]))
         metadata = struct_pb2.Struct(fields={LB_NAMESPACE: struct_pb2.Value(struct_value=struct_pb2.Struct(
             fields={DESTINATION_HEADER: struct_pb2.Value(string_value=",".join(hosts))}))})
         return mutation, metadata
@@ -520,18 +556,7 @@ class EndpointPicker:
         served = self.replica_at(message.upstream) if message.upstream is not None else None
         if ex.response_body_mode == _MODES.NONE or message.end_of_stream:
             self._release(ex, ok=status < 500, replica=served)
-        return self._stamp(ex.decision.version if ex.decision is not None else None)
-
-    def _stamp(self, version: Optional[str]) -> bytes:
-        """The response headers' answer: the version stamp (built once per version)."""
-        if version is None:
-            return _CONTINUE_RESPONSE_HEADERS
-        stamp = self._stamps.get(version)
-        if stamp is None:
-            stamp = self._stamps[version] = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=pb.HeaderMutation(
-                    set_headers=[_header(VERSION_HEADER, version)])))).SerializeToString()
-        return stamp
+        return _CONTINUE_RESPONSE_HEADERS
 
     def _release(self, ex: _Exchange, ok: bool, replica: Optional[str] = None) -> None:
         if ex.released or ex.decision is None:
@@ -540,6 +565,158 @@ class EndpointPicker:
         self.router.complete(ex.decision, replica=replica, ok=ok)
         if self.metrics is not None:
             self.metrics.count(self.metrics.released, "true" if ok else "false")
+
+    # ------------------------------------------------------------ the access log
+    # With release_on="access_log" a routed request is released by its entry in
+    # Envoy's gRPC access log, written when the response has ended (who served,
+    # the status), found by Envoy's x-request-id. The doc's config does not send
+    # the response to the picker, so Envoy ends the stream once the request is
+    # through and the release waits for the entry; where the stream outlives the
+    # response (a BUFFERED body) the entry waits for the stream's end instead.
+    # A release whose entry never comes goes after release_after_s, or when more
+    # than max_waiting wait (counted as expired).
+    def wait_for_log(self, ex: _Exchange, release: Callable[[bool, Optional[str]], None]) -> bool:
+        """Keep the release of a routed request whose stream has ended
+        (``release(ok, served replica)``) for its access log entry, or release it
+        now with the entry that came first; False (release now, as the stream's
+        end) unless the picker releases from the log and the request has an id."""
+        if self.release_on != "access_log":
+            return False
+        request_id = ex.headers.get(REQUEST_ID_HEADER)
+        if not request_id:
+            return False
+        with self._log_lock:
+            logged = self._logged_early.take(request_id)
+            if logged is None:
+                self._waiting.add(request_id, release)
+            due = self._waiting.due()
+        if logged is not None:
+            release(*logged)
+        self._expire(due)
+        return True
+
+    def waiting(self) -> int:
+        """Routed requests waiting for their access log entry."""
+        return len(self._waiting)
+
+    def release_waiting(self) -> None:
+        """Release every request still waiting for its entry (the picker stops: none will come)."""
+        with self._log_lock:
+            due = self._waiting.clear()
+            self._logged_early.clear()
+        self._expire(due)
+
+    def access_log(self, data: bytes) -> None:
+        """One message of Envoy's access log stream (a serialized
+        ``StreamAccessLogsMessage``): each entry of a request the picker routed
+        (its ``envoy.lb`` metadata) releases that request, with the replica that
+        served (``upstream_remote_address``) and ``ok`` unless the status is 5xx
+        (0, the client gone, is ok). Raises ValueError if it is not such a message."""
+        try:
+            entries = read_access_log(data)
+        except WireError as err:
+            raise ValueError(f"not an access log message ({err})") from None
+        for request_id, status, upstream, routed in entries:
+            if self.release_on != "access_log":
+                outcome = "ignored"
+            elif not routed:
+                outcome = "not_routed"  # answered by the picker, or never reached it
+            else:
+                logged = (status < 500, self.replica_at(upstream) if upstream is not None else None)
+                with self._log_lock:
+                    release = self._waiting.take(request_id)
+                    if release is None:  # its stream has not ended (or it was released at the response)
+                        self._logged_early.add(request_id, logged)
+                    self._logged_early.due()
+                if release is not None:
+                    release(*logged)
+                outcome = "early" if release is None else "released"
+            if self.metrics is not None:
+                self.metrics.count(self.metrics.access_log, outcome)
+        with self._log_lock:
+            due = self._waiting.due()
+        self._expire(due)
+
+    def _expire(self, due: list) -> None:
+        for release in due:
+            release(True, None)
+            if self.metrics is not None:
+                self.metrics.expired.inc()
+
+    def access_log_stream(self) -> Callable[[Optional[bytes]], Optional[tuple]]:
+        """A handler for one access log stream of the native transport (it answers nothing)."""
+        def handle(data: Optional[bytes]) -> Optional[tuple]:
+            if data is not None:
+                self._access_log_message(data)
+                return [], False
+            return None
+
+        return handle
+
+    async def StreamAccessLogs(self, request_iterator, context) -> bytes:  # noqa: N802 (the gRPC method's name)
+        """The grpc.aio transport's access log stream: serialized messages in, an
+        empty ``StreamAccessLogsResponse`` when Envoy closes it."""
+        async for data in request_iterator:
+            self._access_log_message(data)
+        return b""
+
+    def _access_log_message(self, data: bytes) -> None:
+        try:
+            self.access_log(data)
+        except ValueError:  # a bad message loses only itself: the stream (and the releases after it) go on
+            if self.metrics is not None:
+                self.metrics.stream_errors.inc()
+            log.exception("unreadable access log message")
+
+
+class _ById:
+    """Items waiting for their counterpart by request id (a release for its access
+    log entry, an entry for its stream's end), an id's namesakes oldest first;
+    ``due()`` takes out those past ``max_age_s`` or over ``limit``. Its owner locks."""
+
+    def __init__(self, max_age_s: float, limit: int) -> None:
+        self.max_age_s, self.limit = max_age_s, limit
+        self._by_id: dict[str, list[int]] = {}
+        self._order: collections.OrderedDict = collections.OrderedDict()  # sequence -> (deadline, id, item)
+        self._sequence = 0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, request_id: str, item: Any) -> None:
+        self._sequence += 1
+        self._by_id.setdefault(request_id, []).append(self._sequence)
+        self._order[self._sequence] = (time.monotonic() + self.max_age_s, request_id, item)
+
+    def take(self, request_id: str) -> Any:
+        """The oldest item for ``request_id``, taken out (None if there is none)."""
+        sequences = self._by_id.get(request_id)
+        if not sequences:
+            return None
+        return self._remove(sequences[0])
+
+    def due(self) -> list:
+        order, due, now = self._order, [], time.monotonic()
+        while order:
+            sequence = next(iter(order))
+            if order[sequence][0] > now and len(order) <= self.limit:
+                break
+            due.append(self._remove(sequence))
+        return due
+
+    def clear(self) -> list:
+        items = [item for _, _, item in self._order.values()]
+        self._order.clear()
+        self._by_id.clear()
+        return items
+
+    def _remove(self, sequence: int) -> Any:
+        _, request_id, item = self._order.pop(sequence)
+        sequences = self._by_id[request_id]
+        sequences.remove(sequence)
+        if not sequences:
+            del self._by_id[request_id]
+        return item
 
 
 # ---------------------------------------------------------------- helpers
@@ -580,6 +757,7 @@ def native_transport() -> bool:
 
 TRANSPORTS = ("auto", "native", "aio")
 _SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+_ACCESS_LOG_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 
 
 class PickerServer:
@@ -625,7 +803,8 @@ class PickerServer:
         if self.transport == "native":
             from .._core.extproc import NativeServer
 
-            server = NativeServer(self.picker.native_stream)
+            server = NativeServer(self.picker.native_stream,
+                                  {f"/{_ACCESS_LOG_SERVICE}/StreamAccessLogs": self.picker.access_log_stream})
             self.port = server.start(self.host, self.port, max_message)
             for service in ("", _SERVICE):
                 server.set_serving(service, True)
@@ -635,8 +814,11 @@ class PickerServer:
             server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                               ("grpc.max_receive_message_length", max_message)])
             # bytes in and out: the picker reads and writes the messages itself, as on the native transport
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
-                "Process": grpc.stream_stream_rpc_method_handler(self.picker.Process)}),))
+            server.add_generic_rpc_handlers((
+                grpc.method_handlers_generic_handler(_SERVICE, {
+                    "Process": grpc.stream_stream_rpc_method_handler(self.picker.Process)}),
+                grpc.method_handlers_generic_handler(_ACCESS_LOG_SERVICE, {
+                    "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(self.picker.StreamAccessLogs)})))
             self.health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
             self.port = server.add_insecure_port(f"{self.host}:{self.port}")
@@ -653,7 +835,8 @@ class PickerServer:
 
     async def stop(self) -> None:
         """Health NOT_SERVING, then stop listening: open streams get 0.5 s to end,
-        then are cancelled (each releases its router state)."""
+        then are cancelled (each releases its router state, as do the requests
+        still waiting for their access log entries)."""
         await self.feed.stop()
         server, self._server = self._server, None
         if server is not None:
@@ -667,6 +850,7 @@ class PickerServer:
                 for service in ("", _SERVICE):
                     await self.health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
                 await server.stop(grace=0.5)
+            self.picker.release_waiting()  # their access log entries will not reach a stopped picker
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
