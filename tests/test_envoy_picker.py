@@ -164,7 +164,7 @@ def settled(stack) -> bool:
     """Every request the picker routed is released: no stream open, none waiting
     for its access log entry."""
     picker = stack["picker"]
-    return picker.metrics.active._value.get() == 0 and picker.picker.waiting() == 0
+    return picker.metrics.active.get() == 0 and picker.picker.waiting() == 0
 
 
 def post_released(stack, body, headers=None):

@@ -447,3 +447,37 @@ def test_a_queue_decision_is_held_on_either_transport_then_routed_or_refused(Str
         await s.ended()
 
     asyncio.run(run())
+
+
+def test_the_metrics_expose_what_was_counted_from_many_threads():
+    """The picker's counters are plain numbers under a lock, turned into Prometheus
+    samples when scraped: counts from several threads add up, a histogram's
+    buckets are cumulative with Prometheus' le, unlabelled counters show 0."""
+    import threading
+
+    from prometheus_client import generate_latest
+
+    from geoserve.integrations.envoy import PickerMetrics
+
+    m = PickerMetrics()
+
+    def work():
+        for _ in range(2000):
+            m.decisions.inc("serve", "affinity")
+            m.active.inc()
+            m.active.dec()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seconds in (0.0001, 0.0003, 2.0):
+        m.decide_seconds.observe(seconds)
+    text = generate_latest(m.registry).decode()
+    assert 'geoserve_picker_decisions_total{action="serve",reason="affinity"} 8000.0' in text
+    assert "geoserve_picker_active_streams 0.0" in text and "geoserve_picker_stream_errors_total 0.0" in text
+    assert 'geoserve_picker_decision_seconds_bucket{le="0.0001"} 1.0' in text  # le: a value on the bound is in
+    assert 'geoserve_picker_decision_seconds_bucket{le="0.0005"} 2.0' in text
+    assert 'geoserve_picker_decision_seconds_bucket{le="+Inf"} 3.0' in text
+    assert "geoserve_picker_decision_seconds_count 3.0" in text

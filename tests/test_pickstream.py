@@ -194,7 +194,7 @@ def test_the_kernel_answers_as_the_python_handler(runs, busy, degrade_max_tokens
         assert kernel_picker.waiting() == python_picker.waiting()
         assert state_of(kernel_picker) == state_of(python_picker)
         assert metrics_of(kernel_picker) == metrics_of(python_picker)
-    assert kernel_picker.metrics.active._value.get() == 0
+    assert kernel_picker.metrics.active.get() == 0
 
 
 @pytest.mark.skipif(_compat.FORCED_TWIN, reason="the kernel routes through the compiled router, forced off here")

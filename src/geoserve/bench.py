@@ -176,17 +176,26 @@ def procmsg_case(kind: str) -> Case:
 
 
 def _access_log_case() -> Case:
+    data = _access_log_message("c3ee8345-84cc-4ff1-9a1e-a5d852e7e332", "10.0.3.17", 8000)
+    native, twin = _compat.kernels("native", "procmsg"), _compat.kernels("python", "procmsg")
+    return Case(f"procmsg/access_log_entry/{len(data)}B", 0, lambda: native.read_access_log(data),
+                lambda: twin.read_access_log(data))
+
+
+def _access_log_message(request_id: str, host: str, port: int) -> bytes:
+    """Envoy's access log message with one entry as Envoy 1.40 fills it for a
+    request the picker routed to ``host:port``."""
     from envoy.config.core.v3 import address_pb2
     from envoy.data.accesslog.v3 import accesslog_pb2 as al
     from envoy.service.accesslog.v3 import als_pb2
     from google.protobuf import duration_pb2
 
     def address(port):
-        return address_pb2.Address(socket_address=address_pb2.SocketAddress(address="10.0.3.17", port_value=port))
+        return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
     common = al.AccessLogCommon(
         downstream_remote_address=address(53810), downstream_local_address=address(10000),
-        downstream_direct_remote_address=address(53810), upstream_remote_address=address(8000),
+        downstream_direct_remote_address=address(53810), upstream_remote_address=address(port),
         upstream_local_address=address(39802), upstream_cluster="geoserve_endpoints",
         stream_id="c3ee8345-84cc-4ff1-9a1e-a5d852e7e332", upstream_request_attempt_count=1,
         downstream_wire_bytes_sent=535, downstream_wire_bytes_received=8901, upstream_wire_bytes_sent=9070,
@@ -201,30 +210,27 @@ def _access_log_case() -> Case:
     entry = al.HTTPAccessLogEntry(
         common_properties=common, protocol_version=al.HTTPAccessLogEntry.HTTP11,
         request=al.HTTPRequestProperties(request_method=2, scheme="http", authority="gateway.example:10000",
-                                         path="/v1/completions", request_id="c3ee8345-84cc-4ff1-9a1e-a5d852e7e332",
+                                         path="/v1/completions", request_id=request_id,
                                          request_headers_bytes=252, request_body_bytes=8764),
         response=al.HTTPResponseProperties(response_headers_bytes=187, response_body_bytes=311,
                                            response_code_details="via_upstream"))
     entry.response.response_code.value = 200
-    data = als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+    return als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
         log_entry=[entry])).SerializeToString()
-    native, twin = _compat.kernels("native", "procmsg"), _compat.kernels("python", "procmsg")
-    return Case(f"procmsg/access_log_entry/{len(data)}B", 0, lambda: native.read_access_log(data),
-                lambda: twin.read_access_log(data))
 
 
 def picker_stream_case(per_region: int) -> Case:
     """One request through the Envoy picker's native-transport handler, as Envoy
     sends it for the doc's config: the stream opened, its request headers (10,
     with the protocol configuration), a 2 KB completion body in one chunk (routed
-    on a 3x``per_region`` fleet), the response headers with ``upstream.address``,
-    the stream's end. The stream kernel (``_core/pickstream``) against the
-    picker's Python handler, its twin. Needs the [envoy] extra."""
+    on a 3x``per_region`` fleet), the stream's end (the release kept), then the
+    request's access log entry (released). The stream kernel
+    (``_core/pickstream``) against the picker's Python handler, its twin. Needs
+    the [envoy] extra."""
     import json
 
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-    from google.protobuf import struct_pb2
 
     from .integrations.envoy import EndpointPicker, PickerMetrics
 
@@ -251,17 +257,16 @@ def picker_stream_case(per_region: int) -> Case:
         handle(messages[0])
         routed = pb.ProcessingResponse.FromString(handle(messages[1])[0][0])
         handle(None)
-        attributes = struct_pb2.Struct()
-        attributes.update({"upstream.address": routed.request_headers.response.header_mutation.set_headers[0]
-                           .header.raw_value.decode()})
-        messages.append(pb.ProcessingRequest(response_headers=headers([(":status", "200")]), attributes={
-            "envoy.filters.http.ext_proc": attributes}).SerializeToString())
+        host, port = routed.request_headers.response.header_mutation.set_headers[0].header.raw_value.decode().split(":")
+        logged = _access_log_message("0b8c9f1e-1a2b-4c3d-9e8f-123456789abc", host, int(port))
+        picker.access_log(logged)
 
-        def one(picker=picker, compiled=compiled, messages=messages):
+        def one(picker=picker, compiled=compiled, messages=messages, logged=logged):
             handle = picker.native_stream(compiled=compiled)
             for message in messages:
                 handle(message)
             handle(None)
+            picker.access_log(logged)
 
         calls[impl] = one
     return Case(f"picker_stream/{3 * per_region}/one-request", 3 * per_region, calls["native"], calls["python"])

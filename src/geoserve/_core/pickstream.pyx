@@ -271,8 +271,7 @@ cdef class Stream:
         cdef list endpoints = boundary.endpoints
         metrics = picker.metrics
         if metrics is not None:
-            metrics.count(metrics.decisions, boundary.action_names[self.out.action],
-                          boundary.reason_names[self.out.reason])
+            metrics.decisions.inc(boundary.action_names[self.out.action], boundary.reason_names[self.out.reason])
             metrics.decide_seconds.observe(time.perf_counter() - ex.started)
         fallbacks = tuple([endpoints[self.out.fallbacks[i]] for i in range(self.out.n_fallbacks)])
         answers = ([picker._routed_answer(endpoints[self.out.replica], fallbacks,
@@ -316,7 +315,7 @@ cdef class Stream:
         boundary.release_c(self.out.action, r, self.epoch, -1, self.out.prefill)
         metrics = self.picker.metrics
         if metrics is not None:
-            metrics.count(metrics.released, "true" if ok else "false")
+            metrics.released.inc("true" if ok else "false")
         return True
 
     cdef object _close(self):
