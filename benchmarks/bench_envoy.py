@@ -51,7 +51,8 @@ from pathlib import Path
 
 import aiohttp
 
-from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy
+from geoserve.testing.envoy import (EnvoyProcess, access_log_block, doc_config, edited, find_envoy,
+                                    response_release_edits)
 from geoserve.testing.processes import banner_process, fast_fleet_toml, free_port, geoserve_process
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "envoy.md"
@@ -65,13 +66,11 @@ def long_body(i: int) -> bytes:
 
 _DOC_TEXT = DOC.read_text()
 # the doc's access log block (the release's channel), removed where the response is watched or nothing released
-ACCESS_LOG = "          access_log:" + _DOC_TEXT.split("          access_log:", 1)[1].split("          route_config:", 1)[0]
+ACCESS_LOG = access_log_block(_DOC_TEXT)
 _SKIP = "response_header_mode: SKIP  # released from the access log instead"
 VARIANTS = {  # listener suffix -> edits of the doc's listener
     "": (),
-    "resp": ((ACCESS_LOG, ""), (_SKIP, "response_header_mode: SEND"),
-             ("response_trailer_mode: SKIP\n", 'response_trailer_mode: SKIP\n'
-              '              response_attributes: ["upstream.address"]\n')),
+    "resp": response_release_edits(_DOC_TEXT),
     "noresp": ((ACCESS_LOG, ""),),
     "batched": (("buffer_size_bytes: 0  # each entry as its request ends: the release is not late",
                  "buffer_flush_interval: 0.005s"),),
@@ -106,11 +105,8 @@ def envoy_config(doc_ports: dict, replica_port: int, plain_port: int, listeners:
         if cluster not in picker_clusters:
             picker_clusters[cluster] = (cluster_block.replace("geoserve_picker", cluster)
                                         .replace(f"port_value: {doc_ports[9002]}", f"port_value: {picker_port}"))
-        variant = doc_listener
-        for old, new in edits:  # on the doc's text, then renamed for this listener and picker
-            assert old in variant, old
-            variant = variant.replace(old, new)
-        variant = (variant.replace("name: inference", f"name: {name}", 1)
+        variant = (edited(doc_listener, edits)  # on the doc's text, then renamed for this listener and picker
+                   .replace("name: inference", f"name: {name}", 1)
                    .replace(f"port_value: {doc_ports[10000]}", f"port_value: {port}")
                    .replace("stat_prefix: inference", f"stat_prefix: {name.replace('-', '_')}")
                    .replace("cluster_name: geoserve_picker", f"cluster_name: {cluster}")

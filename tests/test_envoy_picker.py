@@ -22,7 +22,7 @@ pytest.importorskip("envoy.service.ext_proc.v3.external_processor_pb2")
 import geoserve as g  # noqa: E402
 from geoserve.integrations.envoy import PickerServer, native_transport  # noqa: E402
 from geoserve.testing import FakeReplica  # noqa: E402
-from geoserve.testing.envoy import EnvoyProcess, doc_config, find_envoy  # noqa: E402
+from geoserve.testing.envoy import EnvoyProcess, doc_config, edited, find_envoy, response_release_edits  # noqa: E402
 from geoserve.testing.loop import LoopThread  # noqa: E402
 from geoserve.testing.processes import free_port, geoserve_process  # noqa: E402
 
@@ -346,6 +346,15 @@ def test_the_cli_serves_health_and_metrics_and_stops_on_sigterm(tmp_path, transp
         assert proc.wait(timeout=10) == 0
 
 
+def one_replica_fleet(loop, version="v1"):
+    """A fake replica on 127.0.0.1 (started on ``loop``) and a one-region topology of it alone."""
+    replica = FakeReplica(speed=20.0, slots=64, replica_id="us-0")
+    port = loop.run(replica.start())
+    return replica, g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=(g.Deployment(
+        model="llama-70b", version=version, region="us", decode_slots=64,
+        replicas=(g.ReplicaSpec(id="us-0", endpoint=f"127.0.0.1:{port}"),)),))
+
+
 @pytest.mark.parametrize("transport", ["native", "aio"])
 def test_stopping_the_picker_under_load_is_clean(transport):
     """Stop the picker while Envoy has requests in flight through it (routed and
@@ -355,11 +364,7 @@ def test_stopping_the_picker_under_load_is_clean(transport):
     router's state is given back."""
     binary = need_envoy(transport)
     loop = LoopThread()
-    replica = FakeReplica(speed=20.0, slots=64, replica_id="us-0")
-    port = loop.run(replica.start())
-    topology = g.Topology(regions=("us",), rtt_ms=((2.0,),), deployments=(g.Deployment(
-        model="llama-70b", version="v1", region="us", decode_slots=64,
-        replicas=(g.ReplicaSpec(id="us-0", endpoint=f"127.0.0.1:{port}"),)),))
+    replica, topology = one_replica_fleet(loop)
     picker = PickerServer(topology, region="us", poll_interval_ms=100.0, transport=transport)
     picker_port = loop.run(picker.start())
     listen, admin = free_port(), free_port()
@@ -394,5 +399,36 @@ def test_stopping_the_picker_under_load_is_clean(transport):
     finally:
         stop.set()
         envoy.stop()
+        loop.run(replica.stop())
+        loop.close()
+
+
+@pytest.mark.parametrize("transport", ["native", "aio"])
+def test_a_config_that_sends_the_response_headers_releases_there(transport):
+    """``--release-on response`` with the doc's config edited for it (no access log,
+    the response headers and ``upstream.address`` sent to the picker): each request
+    is released at its response headers, nothing waits for an access log, and the
+    serving version is still stamped by Envoy's route."""
+    binary = need_envoy(transport)
+    loop = LoopThread()
+    replica, topology = one_replica_fleet(loop, version="v3")
+    picker = PickerServer(topology, region="us", poll_interval_ms=100.0, transport=transport, release_on="response")
+    picker_port = loop.run(picker.start())
+    listen, admin = free_port(), free_port()
+    config = doc_config(DOC, {10000: listen, 9002: picker_port, 9901: admin})
+    envoy = EnvoyProcess(edited(config, response_release_edits(config)), admin, binary)
+    envoy.start()
+    try:
+        for i in range(4):
+            status, headers, text = post({"port": listen}, completion(f"release {i}"))
+            assert status == 200, text
+            assert headers["x-geoserve-version"] == "v3"
+            # released at the response headers (on the native transport just after their answer has gone)
+            assert wait_for(lambda: picker.metrics.released.get("true") == i + 1, timeout=5)
+        assert picker.picker.waiting() == 0
+        assert sum(v for k, v in envoy.stats("http.inference.ext_proc").items() if k.endswith("streams_failed")) == 0
+    finally:
+        envoy.stop()
+        loop.run(picker.stop())
         loop.run(replica.stop())
         loop.close()

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, Optional
 
-__all__ = ["find_envoy", "EnvoyProcess", "doc_config"]
+__all__ = ["find_envoy", "EnvoyProcess", "doc_config", "access_log_block", "response_release_edits", "edited"]
 
 CONFIG_MARKER = "<!-- envoy-config -->"
 
@@ -42,6 +42,32 @@ def doc_config(doc: "str | os.PathLike[str]", ports: Mapping[int, int]) -> str:
         config, count = re.subn(rf"port_value: {old}\b", f"port_value: {new}", config)
         if count == 0:
             raise ValueError(f"{doc}: no port_value {old} in the config")
+    return config
+
+
+def access_log_block(config: str) -> str:
+    """The doc config's ``access_log`` block (the picker's release channel), as it stands."""
+    head, found, rest = config.partition("          access_log:")
+    if not found:
+        raise ValueError("the config has no access_log block")
+    return found + rest.split("          route_config:", 1)[0]
+
+
+def response_release_edits(config: str) -> tuple:
+    """Edits of the doc's config for ``--release-on response``: no access log, the
+    response headers and the ``upstream.address`` attribute sent to the picker."""
+    return ((access_log_block(config), ""),
+            ("response_header_mode: SKIP  # released from the access log instead", "response_header_mode: SEND"),
+            ("response_trailer_mode: SKIP\n",
+             'response_trailer_mode: SKIP\n              response_attributes: ["upstream.address"]\n'))
+
+
+def edited(config: str, edits) -> str:
+    """``config`` with each ``(old, new)`` of ``edits`` applied; an ``old`` not in it is an error."""
+    for old, new in edits:
+        if old not in config:
+            raise ValueError(f"not in the config: {old!r}")
+        config = config.replace(old, new)
     return config
 
 
