@@ -46,6 +46,24 @@ def test_vllm_v1_names_engines_summed_and_a_model_filter():
     assert parse_metrics(V1).running == 48  # every model on the engine
 
 
+def test_only_the_families_read_reach_the_parser_and_nothing_changes(monkeypatch):
+    """The lines of other families (and a histogram's buckets) are dropped before
+    prometheus_client parses: the same loads as parsing every line, on the real
+    samples, V1 names and a fake replica's /metrics."""
+    import re
+
+    import geoserve.signals as signals
+    from geoserve.testing import FakeReplica
+
+    fake = FakeReplica(speed=20.0, slots=8, replica_id="r0").metrics_text()
+    texts = [VLLM, SGLANG, V1, fake]
+    filtered = [parse_metrics(t) for t in texts] + [parse_metrics(V1, model="m")]
+    assert len(signals._READ_LINES.findall(SGLANG)) < len(SGLANG.splitlines()) / 5
+    monkeypatch.setattr(signals, "_READ_LINES", re.compile(r"^.*$", re.M))  # every line
+    assert filtered == [parse_metrics(t) for t in texts] + [parse_metrics(V1, model="m")]
+    assert filtered[1].tpot_count is not None  # SGLang's step-time histogram: _sum and _count, without buckets
+
+
 @pytest.mark.parametrize(
     "text,field",
     [

@@ -10,6 +10,11 @@
 | KV usage (0..1) | ``vllm:kv_cache_usage_perc`` (V1), ``vllm:gpu_cache_usage_perc`` (V0) | ``sglang:token_usage`` |
 | ``tpot_ms`` (step time) | ``vllm:time_per_output_token_seconds`` (histogram) | ``sglang:time_per_output_token_seconds`` |
 
+Only the lines of the families read go to the parser (their ``# HELP`` / ``# TYPE``
+lines and samples; of a histogram, ``_sum`` and ``_count``, not the buckets): an
+engine's ``/metrics`` is mostly other families, and the parser's time is the
+poller's, on the picker's interpreter, every poll.
+
 A series repeated with the same labels counts once (the last value); series that
 differ by label (vLLM V1's ``engine="<i>"`` under data parallelism) are summed for
 the counts and averaged for KV usage; ``model`` filters on ``model_name``.
@@ -28,6 +33,7 @@ otherwise), which is what a slowed replica shows first.
 from __future__ import annotations
 
 import math
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +73,11 @@ class EngineLoad(msgspec.Struct, frozen=True):
     tpot_count: Optional[float] = None
 
 
+_NAMES = "|".join(re.escape(name) for fields in ENGINES.values() for names in fields.values() for name in names)
+# a line of a family read: its HELP or TYPE comment, or a sample of it (a histogram's _sum or _count)
+_READ_LINES = re.compile(rf"^(?:# (?:HELP|TYPE) (?:{_NAMES})[ \t].*|(?:{_NAMES})(?:_sum|_count)?[{{ \t].*)$", re.M)
+
+
 def _samples(text: str) -> dict[str, dict[tuple, float]]:
     try:
         from prometheus_client.parser import text_string_to_metric_families
@@ -74,7 +85,7 @@ def _samples(text: str) -> dict[str, dict[tuple, float]]:
         raise ImportError("engine signals need the [signals] extra: pip install 'geoserve[signals]'") from None
     out: dict[str, dict[tuple, float]] = {}
     try:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families("\n".join(_READ_LINES.findall(text)) + "\n"):
             for sample in family.samples:
                 out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     except (ValueError, TypeError, IndexError) as err:

@@ -261,6 +261,10 @@ class FakeReplica:
     async def _metrics(self, request):
         from aiohttp import web
 
+        return web.Response(text=self.metrics_text(), content_type="text/plain")
+
+    def metrics_text(self) -> str:
+        """What ``GET /metrics`` answers now (vLLM's format)."""
         label = f'{{model_name="{self.model}"}}'
         usage = len(self.cache) / self.cache_blocks
         lines = [
@@ -274,7 +278,7 @@ class FakeReplica:
             f"vllm:time_per_output_token_seconds_sum{label} {self.step_seconds}",
             f"vllm:time_per_output_token_seconds_count{label} {float(self.steps)}",
         ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return "\n".join(lines) + "\n"
 
     async def _admin(self, request):
         from aiohttp import web
