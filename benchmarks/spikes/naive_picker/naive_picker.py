@@ -8,7 +8,8 @@ Same answers as the native spike (benchmarks/spikes/extproc_native): destination
 header and envoy.lb metadata on the first body chunk (STREAMED +
 send_body_without_waiting_for_header_response), every chunk acknowledged, echoed
 in FULL_DUPLEX_STREAMED, response headers answered; on the headers when Envoy
-sends no body.
+sends no body. Envoy's access log stream (the doc's release channel) is read and
+dropped.
 """
 
 import asyncio
@@ -17,6 +18,7 @@ import sys
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
@@ -68,9 +70,17 @@ class Naive(pb_grpc.ExternalProcessorServicer):
                 yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
+class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
+    async def StreamAccessLogs(self, requests, context):  # noqa: N802
+        async for _ in requests:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
+
+
 async def main(port: int, destination: str) -> None:
     server = grpc.aio.server()
     pb_grpc.add_ExternalProcessorServicer_to_server(Naive(destination), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening {port}", flush=True)
