@@ -357,18 +357,33 @@ def test_requests_that_share_an_id_are_released_one_entry_each(Stream):
     asyncio.run(run())
 
 
-def test_a_request_whose_entry_never_comes_is_released_after_a_while_or_when_too_many_wait(Stream):
+def test_a_request_whose_entry_never_comes_is_released_after_a_while_or_when_too_many_wait(Stream, monkeypatch):
+    """Counted as expired, and said once in the log (an Envoy without the access log
+    block is the likely cause); releases at the picker's stop are neither."""
+    from geoserve.integrations import envoy
+    from geoserve.integrations.envoy import PickerMetrics
+
+    warnings = []
+    monkeypatch.setattr(envoy.log, "warning", lambda message, *args: warnings.append(message % args))
+
     async def run():
         p = picker(max_waiting=2)
         for k in range(3):
             await routed_stream(p, Stream, f"r{k}")
         assert p.waiting() == 2 and int(p.router.state.pending.sum()) == 2  # the oldest made room
-        p = picker(release_after_s=0.01)
+        assert len(warnings) == 1  # the first picker's
+        warnings.clear()
+        p = picker(release_after_s=0.01, metrics=PickerMetrics())
         for k in range(2):
             await routed_stream(p, Stream, f"r{k}")
         await asyncio.sleep(0.05)
         p.access_log(access_log())  # any message looks at the deadlines
         assert p.waiting() == 0 and int(p.router.state.pending.sum()) == 0
+        assert p.metrics.expired.get() == 2
+        await routed_stream(p, Stream, "at-the-stop")
+        p.release_waiting()
+        assert p.waiting() == 0 and p.metrics.expired.get() == 2
+        assert len(warnings) == 1 and "without their access log entry" in warnings[0]  # two expired, said once
 
     asyncio.run(run())
 

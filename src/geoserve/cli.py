@@ -236,7 +236,7 @@ def _envoy_picker(args: argparse.Namespace) -> int:
     server = PickerServer(Topology.from_file(args.fleet), region=args.region, host=args.host, port=args.port,
                           poll_interval_ms=args.poll_ms, metrics_port=args.metrics_port,
                           max_body_bytes=args.max_body_bytes, max_hold_ms=args.max_hold_ms, transport=args.transport,
-                          release_on=args.release_on.replace("-", "_"))
+                          release_on=args.release_on.replace("-", "_"), release_after_s=args.release_after_s)
 
     def banner(port: int) -> str:
         metrics = f", metrics on http://{args.host}:{server.metrics_port}/metrics" if args.metrics_port is not None else ""
@@ -303,6 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--release-on", choices=("access-log", "response"), default="access-log",
                    help="release a routed request from Envoy's access log entry (the doc's config), or at the "
                    "response headers / the stream's end (a config that sends the response and no access log)")
+    p.add_argument("--release-after-s", type=float, default=900.0,
+                   help="with --release-on access-log: release a routed request whose entry has not come after this "
+                   "long (longer than your longest response)")
     p.set_defaults(run=_envoy_picker)
     p = sub.add_parser("bench", help="micro-benchmarks: native kernels vs their twins, one run")
     bench.add_arguments(p)

@@ -252,6 +252,7 @@ class EndpointPicker:
         self._routed: dict[tuple, Any] = {}  # (endpoint, fallbacks, version) -> the headers answer that routes there
         self._standing_answers: dict[bool, tuple] = {}  # full duplex -> the native standing answers
         self.release_on = release_on
+        self._warned_expiry = False
         self._waiting = _ById(release_after_s, max_waiting)  # releases of ended streams, for their entries
         self._logged_early = _ById(release_after_s, max_waiting)  # (ok, served) of entries, for their streams' end
         self._log_lock = threading.Lock()
@@ -660,7 +661,7 @@ class EndpointPicker:
         with self._log_lock:
             due = self._waiting.clear()
             self._logged_early.clear()
-        self._expire(due)
+        self._expire(due, stopping=True)
 
     def access_log(self, data: bytes) -> None:
         """One message of Envoy's access log stream (a serialized
@@ -693,10 +694,17 @@ class EndpointPicker:
             due = self._waiting.due()
         self._expire(due)
 
-    def _expire(self, due: list) -> None:
+    def _expire(self, due: list, stopping: bool = False) -> None:
+        """Release ``due`` as ok, served unknown: counted as expired (and said once
+        in the log) unless the picker is stopping."""
+        if due and not stopping and not self._warned_expiry:
+            self._warned_expiry = True
+            log.warning("routed requests were released without their access log entry (after release_after_s, or "
+                        "too many waited): is Envoy's access_log block (docs/integrations/envoy.md) sending to this "
+                        "picker? Without one, run the picker with --release-on response")
         for release in due:
             release(True, None)
-            if self.metrics is not None:
+            if self.metrics is not None and not stopping:
                 self.metrics.expired.inc()
 
     def access_log_stream(self) -> Callable[[Optional[bytes]], Optional[tuple]]:
