@@ -254,11 +254,14 @@ def test_a_failing_replica_is_avoided_once_the_poller_marks_it(stack):
     finally:
         replicas["us-0"].failing = False
     assert wait_for(lambda: picker.health.replica_up("us-0"))
+    assert wait_for(lambda: picker.picker.snapshot.replica_status("us-0") == "ok")  # routable again, not only up
 
 
 def test_a_saturated_fleet_sheds_sheddable_traffic_and_serves_interactive(stack):
     replicas = stack["replicas"]
     results = []
+    # every replica routable (a test before may have failed one): the load spreads over all three
+    assert wait_for(lambda: all(stack["picker"].picker.snapshot.replica_status(rid) == "ok" for rid in replicas))
 
     def long_request(i, origin):
         results.append(post(stack, completion(f"long {i}", 1500), {"x-geoserve-origin": origin})[0])
